@@ -1,0 +1,45 @@
+# gradwatch: `make train` and `make test` install what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train sweep summary tensorboard test test-fast lint bench clean
+
+install: $(STAMP)
+
+# Pinned by constraints.txt: torch 2.13.0 is the CPU build (see README for a GPU build).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python train.py $(ARGS)
+
+sweep: install
+	$(BIN)/python train.py experiment=study_lr_convergence $(ARGS)
+
+summary: install
+	$(BIN)/python scripts/summarize.py $(or $(DIR),$$(ls -d outputs/multirun/*/* | tail -n 1))
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests scripts train.py
+
+bench: install
+	$(BIN)/python scripts/bench_step.py
+	$(BIN)/python scripts/bench_telemetry.py
+	$(BIN)/python scripts/bench_summary.py
+
+clean:
+	rm -rf $(VENV) outputs/*/ .pytest_cache

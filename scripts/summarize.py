@@ -1,0 +1,32 @@
+"""(Re)build a sweep's summary: `python scripts/summarize.py outputs/multirun/<date>/<time>`.
+
+Works on any folder of runs, including a sweep still running or interrupted.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from gradwatch.summary import write_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a sweep folder, a run folder, or any folder of runs")
+    parser.add_argument("--converge-below", type=float, default=1e-3,
+                        help="loss threshold for steps_to_converge (default 1e-3)")
+    parser.add_argument("--relative", action="store_true",
+                        help="the threshold is a fraction of each run's step-0 loss")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"folder={args.folder} is not valid: allowed is an existing folder of runs")
+    summary = write_summary(args.folder, args.converge_below, args.relative)
+    print(summary.grouped.to_string(index=False) if len(summary.grouped) else "no runs found")
+    print(f"\n{len(summary.runs)} runs; wrote {args.folder}/summary.csv, summary.md, report.png")
+    if summary.unreadable:
+        print(f"unreadable: {', '.join(summary.unreadable)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

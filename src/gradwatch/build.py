@@ -1,0 +1,96 @@
+"""Config -> objects, with every check done before any training starts.
+
+Each check raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from gradwatch.data import TensorBatches
+from gradwatch.errors import ConfigError
+from gradwatch.models import apply_init
+
+_BCE_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss)
+_BATCHING_KEYS = ("batch_size", "shuffle", "seed")
+
+
+@dataclass
+class Parts:
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: Callable
+    x: torch.Tensor
+    y: torch.Tensor
+    batches: TensorBatches
+
+
+def _call(node: dict, **kwargs):
+    """instantiate(), but a ConfigError raised inside the target reaches the user unwrapped."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _group(cfg: DictConfig, key: str, drop: tuple[str, ...] = ()) -> dict:
+    node = OmegaConf.to_container(cfg[key], resolve=True)
+    return {k: v for k, v in node.items() if k not in drop}
+
+
+def _check_lr(cfg: DictConfig) -> None:
+    lr = cfg.optimizer.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        raise ConfigError("optimizer.lr", lr, "a number > 0")
+
+
+def _feature_size(cfg: DictConfig, key: str, data_size: int, what: str) -> int:
+    size = cfg.model.get(key)
+    if size is None:
+        return data_size
+    if size != data_size:
+        raise ConfigError(f"model.{key}", size, f"{data_size} (the dataset's {what} size) or null")
+    return size
+
+
+def build(cfg: DictConfig) -> Parts:
+    """Everything a run trains with, checked. Seeds torch first, so the same seed gives the same model."""
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError("seed", seed, "an integer")
+    _check_lr(cfg)
+    data_seed = cfg.dataset.get("seed")
+    data_seed = seed if data_seed is None else data_seed
+    x, y = _call(_group(cfg, "dataset", drop=_BATCHING_KEYS), seed=data_seed)
+    batches = TensorBatches(x, y, cfg.dataset.get("batch_size"), bool(cfg.dataset.get("shuffle", True)), data_seed)
+
+    loss_fn = _call(_group(cfg, "loss"))
+    if isinstance(loss_fn, _BCE_LOSSES) and not bool(((y >= 0) & (y <= 1)).all()):
+        bad = sorted({v for v in y.reshape(-1).tolist() if not 0 <= v <= 1})
+        raise ConfigError("dataset.y", bad, f"targets in [0, 1] for {type(loss_fn).__name__}")
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    in_features = _feature_size(cfg, "in_features", x.shape[1], "input")
+    out_features = _feature_size(cfg, "out_features", y.shape[1], "target")
+    model = _call(_group(cfg, "model", drop=("init",)), in_features=in_features, out_features=out_features)
+    init = cfg.model.get("init")
+    apply_init(model, OmegaConf.to_container(init, resolve=True) if init is not None else None)
+
+    with torch.no_grad():
+        out_shape = tuple(model(x[:1]).shape[1:])
+    if out_shape != tuple(y.shape[1:]):
+        raise ConfigError("model", f"output shape {list(out_shape)}", f"the dataset's target shape {list(y.shape[1:])}")
+
+    optimizer = _call(_group(cfg, "optimizer"))
+    return Parts(model, loss_fn, optimizer, x, y, batches)

@@ -1,0 +1,38 @@
+"""Checks of the command line that must happen before Hydra starts: one clear line, no traceback."""
+
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """The error for the first `group=option` naming an option that does not exist, else None.
+
+    >>> check_group_choices(["model=mlpp"])
+    'model=mlpp is not valid: allowed is one of linear, mlp'
+    """
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if "." in key or key.startswith("hydra") or not (conf_dir / key).is_dir():
+            continue
+        if "(" in value or value in ("null", ""):
+            continue  # sweep functions such as choice(...) are left to Hydra
+        options = group_options(key, conf_dir)
+        for choice in value.split(","):
+            if choice not in options:
+                return f"{key}={choice} is not valid: allowed is one of {', '.join(options)}"
+    return None
+
+
+def precheck(argv: list[str] | None = None, conf_dir: Path = CONF_DIR) -> None:
+    message = check_group_choices(sys.argv[1:] if argv is None else argv, conf_dir)
+    if message:
+        print(f"gradwatch: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,108 @@
+"""Datasets as in-memory tensors, and the batches Lightning trains on.
+
+The sets are small, so batches are slices of tensors already in memory: no DataLoader workers
+and no per-sample collation (scripts/bench_step.py measures what that saves).
+"""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gradwatch.errors import ConfigError
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _check_size(size: object) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError("dataset.size", size, "an integer >= 1 (a dataset cannot be empty)")
+    return size
+
+
+def _noisy(y: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    if noise < 0:
+        raise ConfigError("dataset.noise", noise, "a number >= 0")
+    return y + noise * torch.randn(y.shape, generator=gen) if noise else y
+
+
+def line_2x(size: int = 4, low: float = 1.0, high: float = 4.0, noise: float = 0.0, seed: int = 0) -> Tensors:
+    """y = 2x on evenly spaced x: `line_2x()` gives x = [[1], [2], [3], [4]], y = [[2], [4], [6], [8]]."""
+    x = torch.linspace(low, high, _check_size(size)).unsqueeze(1)
+    return x, _noisy(2 * x, noise, _generator(seed))
+
+
+def sum_x1_x2(size: int = 64, low: float = -1.0, high: float = 1.0, noise: float = 0.0, seed: int = 0) -> Tensors:
+    """y = x1 + x2 with x uniform in [low, high]^2."""
+    gen = _generator(seed)
+    x = low + (high - low) * torch.rand(_check_size(size), 2, generator=gen)
+    return x, _noisy(x.sum(dim=1, keepdim=True), noise, gen)
+
+
+def random_bce(size: int = 64, in_features: int = 2, labels: Sequence[float] | None = None, seed: int = 0) -> Tensors:
+    """Standard-normal inputs and 0/1 labels (random, or the given `labels`, one per sample)."""
+    gen = _generator(seed)
+    x = torch.randn(_check_size(size), in_features, generator=gen)
+    if labels is None:
+        y = torch.randint(0, 2, (size, 1), generator=gen).float()
+    else:
+        y = torch.as_tensor(list(labels), dtype=torch.float32).reshape(-1, 1)
+        if len(y) != size:
+            raise ConfigError("dataset.labels", list(labels), f"one label per sample ({size})")
+    return x, y
+
+
+def _as_rows(key: str, values: object) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(key, values, "a list of numbers or of equal-length rows") from err
+    if tensor.numel() == 0:
+        raise ConfigError(key, values, "at least one point (a dataset cannot be empty)")
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(1)
+    if tensor.dim() != 2:
+        raise ConfigError(key, values, "a list of numbers or of equal-length rows")
+    return tensor
+
+
+def points(x: Sequence, y: Sequence, seed: int = 0) -> Tensors:
+    """Literal points: `points([[1, 2], [3, 4]], [3, 7])` -> x (2, 2), y (2, 1)."""
+    tx, ty = _as_rows("dataset.x", x), _as_rows("dataset.y", y)
+    if len(tx) != len(ty):
+        raise ConfigError("dataset.y", list(y), f"as many points as dataset.x ({len(tx)})")
+    return tx, ty
+
+
+class TensorBatches:
+    """Batches of in-memory tensors, reshuffled each epoch by a seeded generator.
+
+    With `batch_size=None` (full batch) every epoch is the one batch (x, y), as the seeds train.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, shuffle: bool, seed: int):
+        n = len(x)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ConfigError("dataset.batch_size", batch_size, "null (full batch) or an integer >= 1")
+        self.x, self.y = x, y
+        self.batch_size = n if batch_size is None else min(batch_size, n)
+        self.shuffle = shuffle and self.batch_size < n
+        self._gen = _generator(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensors]:
+        if self.batch_size == len(self.x):
+            yield self.x, self.y
+            return
+        order = torch.randperm(len(self.x), generator=self._gen) if self.shuffle else None
+        for start in range(0, len(self.x), self.batch_size):
+            if order is None:
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+            else:
+                idx = order[start : start + self.batch_size]
+                yield self.x[idx], self.y[idx]

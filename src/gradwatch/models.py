@@ -1,0 +1,89 @@
+"""Model builders. Every model is an nn.Sequential, so parameter names are `0.weight`, `0.bias`, ..."""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gradwatch.errors import ConfigError
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "identity": nn.Identity,
+}
+
+
+def _activation(key: str, name: str | None) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ConfigError(key, name, "one of " + ", ".join(ACTIVATIONS))
+    return ACTIVATIONS[name]()
+
+
+def _check_size(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "an integer >= 1")
+    return value
+
+
+def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Sequential:
+    """One linear layer: `linear(2, 1)` has parameters `0.weight` (1x2) and `0.bias` (1)."""
+    _check_size("model.in_features", in_features)
+    _check_size("model.out_features", out_features)
+    return nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
+
+
+def mlp(
+    in_features: int,
+    out_features: int,
+    hidden: Sequence[int] = (16,),
+    activation: str = "relu",
+    output_activation: str | None = None,
+    bias: bool = True,
+) -> nn.Sequential:
+    """Linear, activation, ..., Linear[, output activation].
+
+    `mlp(2, 1, hidden=[3])` is Sequential(Linear(2, 3), ReLU(), Linear(3, 1)).
+    """
+    _check_size("model.in_features", in_features)
+    _check_size("model.out_features", out_features)
+    sizes = [in_features]
+    for i, width in enumerate(hidden or []):
+        sizes.append(_check_size(f"model.hidden[{i}]", width))
+    sizes.append(out_features)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(_activation("model.activation", activation))
+    if output_activation is not None:
+        layers.append(_activation("model.output_activation", output_activation))
+    return nn.Sequential(*layers)
+
+
+def apply_init(model: nn.Module, init: Mapping[str, object] | None) -> None:
+    """Set parameters by name: a number fills the tensor, a nested list gives exact values."""
+    if not init:
+        return
+    params = dict(model.named_parameters())
+    for name, value in init.items():
+        key = f"model.init.{name}"
+        if name not in params:
+            raise ConfigError(key, value, "a parameter of the model: " + ", ".join(params))
+        param = params[name]
+        with torch.no_grad():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                param.fill_(float(value))
+                continue
+            try:
+                tensor = torch.as_tensor(value, dtype=param.dtype)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(key, value, "a number or a nested list of numbers") from err
+            if tensor.shape != param.shape:
+                raise ConfigError(
+                    key, value, f"a number or a nested list of shape {list(param.shape)}"
+                )
+            param.copy_(tensor)

@@ -1,0 +1,186 @@
+"""One run: config -> objects -> Lightning fit -> TensorBoard, parquet, checkpoint and run.json.
+
+`train.py` calls `run(cfg)`; it returns the final loss, the value Hydra's sweepers minimise.
+"""
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from gradwatch import sweep, tags
+from gradwatch.build import build
+from gradwatch.checkpointing import LastCheckpoint
+from gradwatch.errors import ConfigError
+from gradwatch.metrics import finite_or_none, steps_to_converge
+from gradwatch.module import GradwatchModule
+from gradwatch.recorder import StepRecorder
+from gradwatch.runinfo import RunRecord
+from gradwatch.telemetry import GradientTelemetry
+
+log = logging.getLogger(__name__)
+
+TB_DIR = "tb"
+CKPT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+# Exit codes of an interrupted run, as shells report signals.
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
+    if value is None:
+        return None
+    path = run_dir / CKPT_DIR / LAST_CKPT if value == "last" else Path(value)
+    if not path.is_file():
+        raise ConfigError("ckpt_path", value, f"null, `last` or an existing checkpoint file (no file at {path})")
+    return path
+
+
+def checkpoint_step(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    every = cfg.checkpoint.every_n_steps
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError("checkpoint.every_n_steps", every, "an integer >= 1")
+    for key in ("flush_every_n_steps",):
+        value = cfg.log[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"log.{key}", value, "an integer >= 1")
+    below = cfg.summary.converge_below
+    if isinstance(below, bool) or not isinstance(below, int | float) or below < 0:
+        raise ConfigError("summary.converge_below", below, "a number >= 0")
+
+
+def _telemetry(cfg: DictConfig, recorder: StepRecorder) -> GradientTelemetry | None:
+    t = cfg.telemetry
+    if not t.enabled:
+        return None
+    try:
+        return GradientTelemetry(recorder, every_n_steps=t.every_n_steps, activations=t.activations,
+                                 on_nonfinite=t.on_nonfinite, histograms_every_n_steps=t.histograms_every_n_steps)
+    except ValueError as err:
+        raise ConfigError(f"telemetry.{str(err).split('=')[0]}", "", str(err).split(": ", 1)[1]) from None
+
+
+def outcome(recorder: StepRecorder, cfg: DictConfig) -> dict:
+    """The results run.json and the HParams tab report, from what the recorder saw."""
+    steps = [s for s, _ in recorder.losses]
+    losses = [v for _, v in recorder.losses]
+    finite = [v for v in losses if math.isfinite(v)]
+    dead = [v for k, v in recorder.last.items() if tags.is_dead_fraction(k)]
+    return {
+        "steps": (steps[-1] + 1) if steps else 0,
+        "final_loss": losses[-1] if losses else None,
+        "min_loss": min(finite) if finite else None,
+        "steps_to_converge": steps_to_converge(steps, losses, cfg.summary.converge_below,
+                                               cfg.summary.converge_relative),
+        "dead_fraction_final": sum(dead) / len(dead) if dead else None,
+        "grad_global_norm_final": recorder.last.get(tags.GLOBAL_NORM),
+    }
+
+
+def _hparams(cfg: DictConfig, overrides: list[str]) -> dict:
+    """The run's config for TensorBoard's HParams tab: the overridden keys and the main choices."""
+    choices = HydraConfig.get().runtime.choices
+    params = {group: choices.get(group) for group in ("model", "dataset", "loss", "optimizer")}
+    params.update({"optimizer.lr": cfg.optimizer.get("lr"), "seed": cfg.seed})
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if not key.startswith("hydra"):
+            selected = OmegaConf.select(cfg, key, default=value)
+            params[key] = selected if isinstance(selected, int | float | str | bool) else str(selected)
+    return params
+
+
+def run(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    record = RunRecord(run_dir, overrides, cfg.get("seed"))
+    if multirun:
+        # One line per finished run instead of Lightning's banners and progress bars.
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        torch.set_num_threads(max(1, int(os.environ.get(sweep.THREADS_ENV, torch.get_num_threads()))))
+
+    try:
+        _check_top_level(cfg)
+        parts = build(cfg)
+        ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        logger = TensorBoardLogger(save_dir=str(run_dir), name=TB_DIR, version="", default_hp_metric=False,
+                                   purge_step=checkpoint_step(ckpt_path))
+        recorder = StepRecorder(run_dir, logger.experiment, cfg.log.flush_every_n_steps, cfg.log.flush_every_s,
+                                purge_from_step=checkpoint_step(ckpt_path))
+        telemetry = _telemetry(cfg, recorder)
+    except ConfigError as err:
+        record.write(status="failed", error=str(err))
+        if multirun:
+            sweep.report_run(hydra_cfg, record.data)
+            return math.nan
+        print(f"gradwatch: {err}", file=sys.stderr)
+        sys.exit(2)
+
+    # Order matters: telemetry hands its numbers to the recorder, which writes the step before
+    # the checkpoint saves the recorder's state.
+    callbacks = [c for c in (telemetry, recorder) if c is not None]
+    callbacks.append(LastCheckpoint(run_dir / CKPT_DIR / LAST_CKPT, cfg.checkpoint.every_n_steps))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if multirun:
+        trainer_cfg["enable_progress_bar"] = False
+    trainer = instantiate(trainer_cfg, logger=logger, callbacks=callbacks, log_every_n_steps=1,
+                          enable_checkpointing=False)
+    module = GradwatchModule(parts.model, parts.loss_fn, parts.optimizer)
+
+    record.write(status="running")
+    status, error, exit_code = "completed", None, 0
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, train_dataloaders=parts.batches, ckpt_path=ckpt_path, weights_only=True)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException.
+        status = "interrupted"
+        exit_code = EXIT_SIGTERM if trainer.received_sigterm else EXIT_SIGINT
+        error = f"interrupted at step {trainer.global_step} ({type(exc).__name__})"
+    except Exception as exc:  # noqa: BLE001 - a failing run is recorded, never takes its sweep down
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        log.exception("run failed")
+    wall_s = time.perf_counter() - started
+    recorder.flush()
+
+    results = outcome(recorder, cfg)
+    if recorder.divergence is not None and status == "completed":
+        status, error = "diverged", recorder.divergence["reason"]
+    logger.log_hyperparams(_hparams(cfg, overrides), metrics={
+        f"hparams/{k}": (math.nan if v is None else float(v))
+        for k, v in results.items() if k in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final")
+    })
+    logger.finalize("success" if status == "completed" else status)
+    record.write(status=status, error=error, wall_s=round(wall_s, 6), **results,
+                 diverged_at=(recorder.divergence or {}).get("step"))
+    if multirun:
+        sweep.report_run(hydra_cfg, record.data)
+    elif status in ("completed", "diverged"):
+        print(f"gradwatch: {status} after {results['steps']} steps, final loss {results['final_loss']}, "
+              f"run folder {run_dir}")
+    if status == "interrupted":
+        sys.exit(exit_code)
+    if status == "failed" and not multirun:
+        sys.exit(1)
+    if status == "failed":
+        return math.nan
+    # Sweepers minimise this: a diverged run is infinitely bad, not missing.
+    final_loss = finite_or_none(results["final_loss"])
+    return math.inf if final_loss is None else final_loss

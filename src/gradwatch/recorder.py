@@ -1,0 +1,112 @@
+"""The step recorder: each step's scalars as one TensorBoard event and one parquet row group.
+
+Telemetry hands its numbers to `add()`; the recorder adds the loss and learning rate and writes
+everything once per step, so TensorBoard gets one event (not one per tag) and nothing is logged
+through `LightningModule.log`.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
+
+from gradwatch import tags
+from gradwatch.sinks import ParquetSink
+
+
+class StepRecorder(pl.Callback):
+    """Records `train/loss`, `lr` and whatever telemetry adds, every step.
+
+    Example::
+
+        recorder = StepRecorder(run_dir, writer=logger.experiment)
+        Trainer(callbacks=[recorder], logger=logger)
+
+    Args:
+        run_dir: the run folder; the parquet parts go to `<run_dir>/metrics/`.
+        writer: a `torch.utils.tensorboard.SummaryWriter` (the TensorBoard logger's experiment).
+        flush_every_n_steps, flush_every_s: flush both sinks when either is reached.
+        purge_from_step: on resume, drop parquet rows logged at or after this step.
+    """
+
+    def __init__(self, run_dir: Path, writer, flush_every_n_steps: int = 100, flush_every_s: float = 5.0,
+                 purge_from_step: int | None = None):
+        if flush_every_n_steps < 1:
+            raise ValueError(f"flush_every_n_steps={flush_every_n_steps} must be >= 1")
+        self.writer = writer
+        self.sink = ParquetSink(run_dir, purge_from_step=purge_from_step)
+        self.flush_every_n_steps = flush_every_n_steps
+        self.flush_every_s = flush_every_s
+        self._last_flush = time.monotonic()
+        self._pending_tags: list[str] = []
+        self._pending_values: list[float] = []
+        self._loss: torch.Tensor | None = None
+        self._loss_step: int | None = None
+        # What the run's record needs at the end.
+        self.losses: list[tuple[int, float]] = []
+        self.last: dict[str, float] = {}
+        self.divergence: dict | None = None
+
+    # -- what telemetry calls -------------------------------------------------------------
+    def add(self, names: list[str], values: list[float]) -> None:
+        self._pending_tags.extend(names)
+        self._pending_values.extend(values)
+
+    def diverge(self, step: int, reason: str, trainer: "pl.Trainer") -> None:
+        if self.divergence is None:
+            self.divergence = {"step": step, "reason": reason}
+        trainer.should_stop = True
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._loss, self._loss_step = loss.detach(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write_step(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # The optimizer may have stepped before the interruption reached on_train_batch_end.
+        if self._loss_step is not None and trainer.global_step > self._loss_step:
+            self._write_step(trainer)
+        self.flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flush()
+
+    # -- checkpointed state: the loss curve so far, so a resumed run reports on all of it ----
+    def state_dict(self) -> dict:
+        return {"losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.losses = [(int(s), float(v)) for s, v in state_dict["losses"].tolist()]
+
+    # -- writing ------------------------------------------------------------------------------
+    def _write_step(self, trainer) -> None:
+        step, loss = self._loss_step, self._loss
+        if step is None or loss is None:
+            return
+        loss_value = float(loss)
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
+        names = [tags.LOSS, tags.LR, *self._pending_tags]
+        values = [loss_value, lr, *self._pending_values]
+        self._pending_tags, self._pending_values = [], []
+        self._loss, self._loss_step = None, None
+
+        summary = Summary(value=[Summary.Value(tag=n, simple_value=v) for n, v in zip(names, values, strict=True)])
+        self.writer._get_file_writer().add_summary(summary, step)
+        self.sink.write(step, tuple(names), values)
+        self.losses.append((step, loss_value))
+        self.last.update(zip(names, values, strict=True))
+        if not math.isfinite(loss_value):
+            self.diverge(step, f"non-finite loss ({loss_value}) at step {step}", trainer)
+
+        if (step + 1) % self.flush_every_n_steps == 0 or time.monotonic() - self._last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.sink.flush()
+        self.writer.flush()
+        self._last_flush = time.monotonic()

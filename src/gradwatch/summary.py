@@ -1,0 +1,196 @@
+"""The sweep summary: one row per run, a grouped view over seeds, written as CSV, Markdown and PNG.
+
+Reads each run's `run.json` and its parquet metrics (never the TensorBoard events: see
+scripts/bench_summary.py). Runs that cannot be read are listed, never crash the summary.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradwatch import tags
+from gradwatch.files import write_atomic
+from gradwatch.metrics import steps_to_converge
+from gradwatch.runinfo import RUN_FILE
+from gradwatch.sinks import METRICS_DIR, read_metrics
+
+# The summary's columns, in order (DESIGN.md, "Summary table"); swept keys go after `status`
+# and per-layer dead fractions after `dead_fraction_max`.
+LEAD_COLUMNS = ["run_dir", "status"]
+RESULT_COLUMNS = ["seed", "steps", "final_loss", "min_loss", "steps_to_converge", "converged", "diverged",
+                  "dead_fraction_final", "dead_fraction_max"]
+TAIL_COLUMNS = ["grad_global_norm_final", "wall_s", "error"]
+GROUPED_METRICS = ["final_loss", "min_loss", "steps_to_converge", "converged", "diverged",
+                   "dead_fraction_final", "dead_fraction_max", "wall_s"]
+NOT_SWEPT = {"seed", "ckpt_path"}
+
+CSV_FILE, MARKDOWN_FILE, REPORT_FILE = "summary.csv", "summary.md", "report.png"
+
+
+@dataclass
+class Summary:
+    runs: pd.DataFrame
+    grouped: pd.DataFrame
+    swept: list[str]
+    curves: pd.DataFrame  # run_dir, step, loss: the loss curve of every run
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return self.runs.loc[self.runs["status"].isin(["failed", "interrupted"]), "run_dir"].tolist()
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Run folders under `folder` (itself included): those with a run.json, metrics or .hydra."""
+    folder = Path(folder)
+    marks = [RUN_FILE, METRICS_DIR, ".hydra"]
+    found = {p.parent for mark in marks for p in folder.rglob(mark) if ".hydra" not in p.parent.parts}
+    return sorted(found, key=lambda p: (len(p.parts), _run_number(p), str(p)))
+
+
+def _run_number(path: Path) -> int:
+    head = path.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def _parse_value(text: str):
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+
+
+def _overrides(record: dict, run_dir: Path) -> dict:
+    items = record.get("overrides")
+    if items is None:
+        path = run_dir / ".hydra" / "overrides.yaml"
+        items = [line.strip()[2:] for line in path.read_text().splitlines() if line.startswith("- ")] if path.exists() else []
+    pairs = {}
+    for item in items:
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if sep and not key.startswith("hydra"):
+            pairs[key] = _parse_value(value)
+    return pairs
+
+
+def _dead_columns(metrics: pd.DataFrame) -> dict:
+    dead = metrics[metrics["tag"].map(tags.is_dead_fraction)]
+    if dead.empty:
+        return {"dead_fraction_final": math.nan, "dead_fraction_max": math.nan}
+    table = dead.pivot_table(index="step", columns="tag", values="value", aggfunc="last").sort_index()
+    mean = table.mean(axis=1)
+    row = {"dead_fraction_final": float(mean.iloc[-1]), "dead_fraction_max": float(mean.max())}
+    for tag in table.columns:
+        layer = tags.layer_of(tag)
+        row[f"dead_fraction_final/{layer}"] = float(table[tag].dropna().iloc[-1])
+        row[f"dead_fraction_max/{layer}"] = float(table[tag].max())
+    return row
+
+
+def summarize_run(run_dir: Path, root: Path, converge_below: float, relative: bool):
+    """One row of the summary and the run's loss curve; problems go into the row's `error`."""
+    row: dict = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".", "status": "unknown"}
+    problems = []
+    record: dict = {}
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        row["status"] = record.get("status", "unknown")
+        row["error"] = record.get("error")
+        row["wall_s"] = record.get("wall_s")
+    except FileNotFoundError:
+        problems.append("no run.json")
+    except (OSError, ValueError) as err:
+        problems.append(f"run.json unreadable ({err})")
+    row["overrides"] = _overrides(record, run_dir)
+    row["seed"] = record.get("seed", row["overrides"].get("seed"))
+
+    metrics = read_metrics(run_dir)
+    problems += [f"metrics {p}" for p in metrics.attrs["unreadable"]]
+    loss = metrics[metrics["tag"] == tags.LOSS].drop_duplicates("step", keep="last").sort_values("step")
+    steps, losses = loss["step"].to_numpy(), loss["value"].to_numpy()
+    finite = losses[np.isfinite(losses)]
+    nonfinite_grads = metrics.loc[metrics["tag"].str.endswith("/nonfinite"), "value"]
+    norm = metrics.loc[metrics["tag"] == tags.GLOBAL_NORM, "value"]
+    stc = steps_to_converge(steps, losses, converge_below, relative)
+    diverged = row["status"] == "diverged" or len(finite) < len(losses) or bool((nonfinite_grads > 0).any())
+    row.update({
+        "steps": int(steps[-1]) + 1 if len(steps) else 0,
+        "final_loss": float(losses[-1]) if len(losses) else math.nan,
+        "min_loss": float(finite.min()) if len(finite) else math.nan,
+        "steps_to_converge": math.nan if stc is None else stc,
+        "converged": stc is not None and not diverged,
+        "diverged": diverged,
+        "grad_global_norm_final": float(norm.iloc[-1]) if len(norm) else math.nan,
+        **_dead_columns(metrics),
+    })
+    if not record and metrics.empty:
+        row["status"] = "unreadable"
+    if problems:
+        row["error"] = "; ".join(filter(None, [row.get("error"), *problems]))
+    curve = pd.DataFrame({"run_dir": row["run_dir"], "step": steps, "loss": losses})
+    return row, curve
+
+
+def grouped_view(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds for each setting of the swept keys."""
+    keys = [k for k in swept if k in runs.columns]
+    metrics = [m for m in GROUPED_METRICS if m in runs.columns]
+    numeric = runs[keys + metrics].copy()
+    for column in ("converged", "diverged"):
+        numeric[column] = numeric[column].astype(float)
+    if not keys:
+        numeric["setting"] = "all"
+        keys = ["setting"]
+    grouped = numeric.groupby(keys, dropna=False, sort=True)[metrics].agg(["mean", "std"])
+    grouped.columns = [f"{m}_{stat}" for m, stat in grouped.columns]
+    grouped.insert(0, "runs", numeric.groupby(keys, dropna=False, sort=True).size())
+    return grouped.reset_index()
+
+
+def summarize(folder: Path, converge_below: float = 1e-3, relative: bool = False) -> Summary:
+    folder = Path(folder)
+    rows, curves, unreadable = [], [], []
+    for run_dir in find_runs(folder):
+        row, curve = summarize_run(run_dir, folder, converge_below, relative)
+        rows.append(row)
+        curves.append(curve)
+        if row["status"] == "unreadable" or "unreadable" in str(row.get("error") or ""):
+            unreadable.append(row["run_dir"])
+    overrides = [row.pop("overrides") for row in rows]
+    keys = sorted({k for o in overrides for k in o} - NOT_SWEPT)
+    for row, o in zip(rows, overrides, strict=True):
+        row.update({k: o.get(k) for k in keys})
+    runs = pd.DataFrame(rows)
+    layer_columns = sorted(c for c in runs.columns if c.startswith("dead_fraction_") and "/" in c)
+    columns = LEAD_COLUMNS + keys + RESULT_COLUMNS + layer_columns + TAIL_COLUMNS
+    runs = runs.reindex(columns=columns)
+    curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["run_dir", "step", "loss"])
+    return Summary(runs, grouped_view(runs, keys) if len(runs) else pd.DataFrame(), keys, curve_frame, unreadable)
+
+
+def to_markdown(summary: Summary, folder: Path) -> str:
+    lines = [f"# Sweep summary: {folder}", "",
+             f"{len(summary.runs)} runs; swept: {', '.join(summary.swept) or 'nothing'}.", ""]
+    if summary.unreadable:
+        lines += [f"Unreadable: {', '.join(summary.unreadable)}", ""]
+    lines += ["## Per setting (mean and std over seeds)", "",
+              summary.grouped.to_markdown(index=False, floatfmt=".6g") if len(summary.grouped) else "(none)", "",
+              "## Per run", "", summary.runs.drop(columns=["error"]).to_markdown(index=False, floatfmt=".6g"), ""]
+    return "\n".join(lines)
+
+
+def write_summary(folder: Path, converge_below: float = 1e-3, relative: bool = False) -> Summary:
+    """Write summary.csv, summary.md and report.png into `folder`; each file atomically."""
+    from gradwatch.report import render_report
+
+    folder = Path(folder)
+    summary = summarize(folder, converge_below, relative)
+    write_atomic(folder / CSV_FILE, summary.runs.to_csv(index=False).encode())
+    write_atomic(folder / MARKDOWN_FILE, to_markdown(summary, folder).encode())
+    write_atomic(folder / REPORT_FILE, render_report(summary))
+    return summary

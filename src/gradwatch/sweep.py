@@ -1,0 +1,80 @@
+"""Sweep plumbing for Hydra multirun: progress lines, thread caps, and the summary at the end."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
+THREADS_ENV = "GRADWATCH_TORCH_THREADS"
+
+
+def count_jobs(config: DictConfig) -> int | None:
+    """How many runs a sweep will launch, when the sweeper says so up front."""
+    sweeper = config.hydra.sweeper
+    if "n_trials" in sweeper:
+        return int(sweeper.n_trials)
+    overrides = list(config.hydra.overrides.task)
+    params = sweeper.get("params") or {}
+    overrides += [f"{k}={v}" for k, v in params.items()]
+    total = 1
+    try:
+        for override in OverridesParser.create().parse_overrides(overrides):
+            if override.is_sweep_override():
+                total *= len(list(override.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 - a count we cannot make is shown as "?"
+        return None
+    return total
+
+
+def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
+    """One line per finished run: `[3/18] optimizer.lr=0.1,seed=2  completed  final_loss=0.0012`."""
+    total = os.environ.get(TOTAL_ENV, "?")
+    number = int(hydra_cfg.job.num) + 1
+    loss = record.get("final_loss")
+    loss_text = "-" if loss is None else f"{loss:.6g}"
+    overrides = ",".join(record.get("overrides", [])) or "(defaults)"
+    line = f"[{number}/{total}] {overrides}  {record['status']}  final_loss={loss_text}"
+    if record.get("error") and record["status"] == "failed":
+        line += f"  ({record['error']})"
+    print(line, flush=True)
+
+
+class SweepCallback(Callback):
+    """Hydra callback: announces the sweep, caps torch threads for parallel launchers, and writes
+    the sweep summary (CSV, Markdown, plots) into the sweep folder when the sweep ends.
+
+    Configured in conf/train.yaml under `hydra.callbacks`. The sweep exits non-zero when a run failed.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        total = count_jobs(config)
+        os.environ[TOTAL_ENV] = "?" if total is None else str(total)
+        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
+        if n_jobs is not None:
+            jobs = n_jobs if n_jobs > 0 else os.cpu_count() or 1
+            # Parallel runs share the cores: one run's torch must not take them all.
+            os.environ[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // jobs))
+        print(f"gradwatch: sweep of {os.environ[TOTAL_ENV]} runs into {config.hydra.sweep.dir}", flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from gradwatch.summary import write_summary
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        result = write_summary(sweep_dir, config.summary.converge_below, config.summary.converge_relative)
+        print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/summary.md "
+              f"(summary.csv, report.png)", flush=True)
+        failed = result.failed
+        if result.unreadable:
+            print(f"gradwatch: unreadable runs: {', '.join(result.unreadable)}", flush=True)
+        if failed:
+            print(f"gradwatch: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
