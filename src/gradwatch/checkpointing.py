@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from gradwatch.errors import ConfigError
+
 
 class LastCheckpoint(pl.Callback):
     """Keeps one resumable checkpoint up to date.
@@ -20,7 +22,7 @@ class LastCheckpoint(pl.Callback):
 
     def __init__(self, path: Path, every_n_steps: int):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: allowed is an integer >= 1")
+            raise ConfigError("checkpoint.every_n_steps", every_n_steps, "an integer >= 1")
         self.path = Path(path)
         self.every_n_steps = every_n_steps
         self._saved_step: int | None = None

@@ -52,13 +52,6 @@ def checkpoint_step(path: Path | None) -> int | None:
 
 
 def _check_top_level(cfg: DictConfig) -> None:
-    every = cfg.checkpoint.every_n_steps
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError("checkpoint.every_n_steps", every, "an integer >= 1")
-    for key in ("flush_every_n_steps",):
-        value = cfg.log[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"log.{key}", value, "an integer >= 1")
     below = cfg.summary.converge_below
     if isinstance(below, bool) or not isinstance(below, int | float) or below < 0:
         raise ConfigError("summary.converge_below", below, "a number >= 0")
@@ -71,8 +64,8 @@ def _telemetry(cfg: DictConfig, recorder: StepRecorder) -> GradientTelemetry | N
     try:
         return GradientTelemetry(recorder, every_n_steps=t.every_n_steps, activations=t.activations,
                                  on_nonfinite=t.on_nonfinite, histograms_every_n_steps=t.histograms_every_n_steps)
-    except ValueError as err:
-        raise ConfigError(f"telemetry.{str(err).split('=')[0]}", "", str(err).split(": ", 1)[1]) from None
+    except ConfigError as err:
+        raise ConfigError(f"telemetry.{err.key}", err.value, err.allowed) from None
 
 
 def outcome(recorder: StepRecorder, cfg: DictConfig) -> dict:
@@ -120,11 +113,14 @@ def run(cfg: DictConfig) -> float:
         _check_top_level(cfg)
         parts = build(cfg)
         ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+        resume_step = checkpoint_step(ckpt_path)
+        # Creates nothing on disk until training starts.
         logger = TensorBoardLogger(save_dir=str(run_dir), name=TB_DIR, version="", default_hp_metric=False,
-                                   purge_step=checkpoint_step(ckpt_path))
-        recorder = StepRecorder(run_dir, logger.experiment, cfg.log.flush_every_n_steps, cfg.log.flush_every_s,
-                                purge_from_step=checkpoint_step(ckpt_path))
+                                   purge_step=resume_step)
+        recorder = StepRecorder(run_dir, logger, cfg.log.flush_every_n_steps, cfg.log.flush_every_s,
+                                purge_from_step=resume_step)
         telemetry = _telemetry(cfg, recorder)
+        checkpoint = LastCheckpoint(run_dir / CKPT_DIR / LAST_CKPT, cfg.checkpoint.every_n_steps)
     except ConfigError as err:
         record.write(status="failed", error=str(err))
         if multirun:
@@ -136,7 +132,7 @@ def run(cfg: DictConfig) -> float:
     # Order matters: telemetry hands its numbers to the recorder, which writes the step before
     # the checkpoint saves the recorder's state.
     callbacks = [c for c in (telemetry, recorder) if c is not None]
-    callbacks.append(LastCheckpoint(run_dir / CKPT_DIR / LAST_CKPT, cfg.checkpoint.every_n_steps))
+    callbacks.append(checkpoint)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if multirun:
         trainer_cfg["enable_progress_bar"] = False

@@ -14,6 +14,7 @@ import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from gradwatch import tags
+from gradwatch.errors import ConfigError
 from gradwatch.sinks import ParquetSink
 
 
@@ -22,22 +23,28 @@ class StepRecorder(pl.Callback):
 
     Example::
 
-        recorder = StepRecorder(run_dir, writer=logger.experiment)
-        Trainer(callbacks=[recorder], logger=logger)
+        logger = TensorBoardLogger(run_dir, name="tb", version="")
+        Trainer(callbacks=[StepRecorder(run_dir, logger)], logger=logger)
+
+    Nothing is created on disk before training starts.
 
     Args:
         run_dir: the run folder; the parquet parts go to `<run_dir>/metrics/`.
-        writer: a `torch.utils.tensorboard.SummaryWriter` (the TensorBoard logger's experiment).
+        logger: a Lightning TensorBoardLogger; its SummaryWriter receives the events.
         flush_every_n_steps, flush_every_s: flush both sinks when either is reached.
         purge_from_step: on resume, drop parquet rows logged at or after this step.
     """
 
-    def __init__(self, run_dir: Path, writer, flush_every_n_steps: int = 100, flush_every_s: float = 5.0,
+    def __init__(self, run_dir: Path, logger, flush_every_n_steps: int = 100, flush_every_s: float = 5.0,
                  purge_from_step: int | None = None):
-        if flush_every_n_steps < 1:
-            raise ValueError(f"flush_every_n_steps={flush_every_n_steps} must be >= 1")
-        self.writer = writer
-        self.sink = ParquetSink(run_dir, purge_from_step=purge_from_step)
+        if isinstance(flush_every_n_steps, bool) or not isinstance(flush_every_n_steps, int) \
+                or flush_every_n_steps < 1:
+            raise ConfigError("log.flush_every_n_steps", flush_every_n_steps, "an integer >= 1")
+        self.run_dir = Path(run_dir)
+        self.logger = logger
+        self.purge_from_step = purge_from_step
+        self.writer = None
+        self.sink: ParquetSink | None = None
         self.flush_every_n_steps = flush_every_n_steps
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
@@ -61,6 +68,10 @@ class StepRecorder(pl.Callback):
         trainer.should_stop = True
 
     # -- Lightning hooks --------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.writer = self.logger.experiment
+        self.sink = ParquetSink(self.run_dir, purge_from_step=self.purge_from_step)
+
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         self._loss, self._loss_step = loss.detach(), trainer.global_step
 
@@ -107,6 +118,8 @@ class StepRecorder(pl.Callback):
             self.flush()
 
     def flush(self) -> None:
+        if self.sink is None:
+            return
         self.sink.flush()
         self.writer.flush()
         self._last_flush = time.monotonic()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gradwatch import tags
+from gradwatch.errors import ConfigError
 from gradwatch.recorder import StepRecorder
 from gradwatch.stats import SegmentReducer, activation_stats, epoch_dead_fraction, gradient_stats
 
@@ -47,11 +48,12 @@ class GradientTelemetry(pl.Callback):
     def __init__(self, recorder: StepRecorder, every_n_steps: int = 1, activations: bool = True,
                  on_nonfinite: str = "warn", histograms_every_n_steps: int = 0):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: allowed is an integer >= 1")
+            raise ConfigError("every_n_steps", every_n_steps, "an integer >= 1")
         if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not valid: allowed is one of {', '.join(ON_NONFINITE)}")
-        if histograms_every_n_steps < 0:
-            raise ValueError(f"histograms_every_n_steps={histograms_every_n_steps} is not valid: allowed is >= 0")
+            raise ConfigError("on_nonfinite", on_nonfinite, "one of " + ", ".join(ON_NONFINITE))
+        if isinstance(histograms_every_n_steps, bool) or not isinstance(histograms_every_n_steps, int) \
+                or histograms_every_n_steps < 0:
+            raise ConfigError("histograms_every_n_steps", histograms_every_n_steps, "an integer >= 0 (0: never)")
         self.recorder = recorder
         self.every_n_steps = every_n_steps
         self.activations = activations
