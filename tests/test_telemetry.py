@@ -137,5 +137,5 @@ def test_stats_functions_match_torch_on_odd_tensors():
     assert table[1].tolist() == [2.5, 0.0, 0.0, 2.5, 2.5, 0.0]
     assert table[2].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     rows, fired = activation_stats([torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]), torch.zeros(2, 1)])
-    assert rows.tolist() == pytest.approx([[1 / 3, 4 / 6], [1.0, 1.0]], abs=1e-15)
+    assert torch.allclose(rows, torch.tensor([[1 / 3, 4 / 6], [1.0, 1.0]], dtype=torch.float64), atol=1e-15)
     assert fired.tolist() == [False, True, True, False]
