@@ -6,13 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch  # noqa: F401 - registers the config resolvers
-from gradwatch.pipeline import run
+from gradwatch.api import compose_config
+from gradwatch.api import train as api_train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -20,21 +19,12 @@ QUIET = ["trainer.enable_progress_bar=false"]
 
 
 def compose_cfg(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    if run_dir is not None:
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-    return cfg
+    return compose_config(overrides, run_dir, CONF)
 
 
 def train(overrides: list[str], run_dir: Path) -> float:
     """One run through Hydra compose and gradwatch.pipeline.run, as train.py does it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_cfg([*QUIET, *overrides], run_dir)
-    HydraConfig.instance().set_config(cfg)
-    return run(cfg)
+    return api_train([*QUIET, *overrides], run_dir, CONF)
 
 
 def read_tb(run_dir: Path) -> dict[str, dict[int, float]]:

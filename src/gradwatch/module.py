@@ -23,6 +23,15 @@ class GradwatchModule(pl.LightningModule):
         self.loss_fn = loss_fn
         self._optimizer_factory = optimizer
 
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets `_current_fx_name` around every hook, dozens of times a step, and
+        # nn.Module.__setattr__ costs more per call than a seed model's whole forward pass
+        # (scripts/bench_step.py). It is a plain string, so it can skip the Parameter/Module checks.
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+            return
+        super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 

@@ -70,6 +70,7 @@ class StepRecorder(pl.Callback):
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
         self.writer = self.logger.experiment
+        self._file_writer = self.writer._get_file_writer()
         self.sink = ParquetSink(self.run_dir, purge_from_step=self.purge_from_step)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -107,7 +108,7 @@ class StepRecorder(pl.Callback):
         self._loss, self._loss_step = None, None
 
         summary = Summary(value=[Summary.Value(tag=n, simple_value=v) for n, v in zip(names, values, strict=True)])
-        self.writer._get_file_writer().add_summary(summary, step)
+        self._file_writer.add_summary(summary, step)
         self.sink.write(step, tuple(names), values)
         self.losses.append((step, loss_value))
         self.last.update(zip(names, values, strict=True))
