@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose_cfg, read_tb, train
+
 from gradwatch.build import build
 from gradwatch.runinfo import read_run
 
@@ -63,7 +63,7 @@ def test_seed002_learn_2x_weight_moves_toward_2(run_dir, seed, w, b):
     losses = read_tb(run_dir)["train/loss"]
     curve = [losses[s] for s in range(50)]
     assert len(losses) == 50
-    assert all(later < earlier for earlier, later in zip(curve, curve[1:])), "loss must fall every step"
+    assert all(later < earlier for earlier, later in zip(curve, curve[1:], strict=False)), "loss must fall every step"
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert math.isclose(state["model.0.weight"].item(), w, abs_tol=1e-3)
     assert math.isclose(state["model.0.bias"].item(), b, abs_tol=1e-3)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_cfg, read_tb, train
+
 from gradwatch.build import build
 from gradwatch.runinfo import read_run
 from gradwatch.sinks import read_metrics

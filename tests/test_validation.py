@@ -1,7 +1,6 @@
 """Bad config values fail before any work, with one line naming the key, the value and what is allowed."""
 
 import pytest
-
 from conftest import train, train_py
 
 
@@ -12,7 +11,8 @@ from conftest import train, train_py
         (["optimizer.lr=0"], "optimizer.lr=0 is not valid: allowed is a number > 0"),
         (["model=mlp", "model.hidden=[4,0]"], "model.hidden[1]=0 is not valid: allowed is an integer >= 1"),
         (["dataset=sum_x1_x2", "dataset.size=0"], "dataset.size=0 is not valid: allowed is an integer >= 1"),
-        (["dataset=points", "dataset.x=[]", "dataset.y=[]"], "dataset.x=[] is not valid: allowed is at least one point"),
+        (["dataset=points", "dataset.x=[]", "dataset.y=[]"],
+         "dataset.x=[] is not valid: allowed is at least one point"),
         (["model=linear", "model.in_features=3"],
          "model.in_features=3 is not valid: allowed is 2 (the dataset's input size) or null"),
         (["dataset=points", "dataset.x=[1,2]", "dataset.y=[1,2,3]"],
@@ -43,7 +43,8 @@ def test_bad_value_stops_before_training_with_one_line(run_dir, capsys, override
     ("args", "expected"),
     [
         (["model=mlpp"], "gradwatch: model=mlpp is not valid: allowed is one of linear, mlp"),
-        (["-m", "optimizer=sgd,rmsprop2"], "gradwatch: optimizer=rmsprop2 is not valid: allowed is one of adam, adamw, sgd"),
+        (["-m", "optimizer=sgd,rmsprop2"],
+         "gradwatch: optimizer=rmsprop2 is not valid: allowed is one of adam, adamw, sgd"),
         (["optimizer.lr=-1"], "gradwatch: optimizer.lr=-1 is not valid: allowed is a number > 0"),
     ],
 )

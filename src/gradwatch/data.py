@@ -85,7 +85,8 @@ class TensorBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, shuffle: bool, seed: int):
         n = len(x)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        bad = isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        if batch_size is not None and bad:
             raise ConfigError("dataset.batch_size", batch_size, "null (full batch) or an integer >= 1")
         self.x, self.y = x, y
         self.batch_size = n if batch_size is None else min(batch_size, n)

@@ -115,8 +115,7 @@ def run(cfg: DictConfig) -> float:
         ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
         resume_step = checkpoint_step(ckpt_path)
         # Creates nothing on disk until training starts.
-        logger = TensorBoardLogger(save_dir=str(run_dir), name=TB_DIR, version="", default_hp_metric=False,
-                                   purge_step=resume_step)
+        logger = TensorBoardLogger(save_dir=str(run_dir), name=TB_DIR, version="", default_hp_metric=False)
         recorder = StepRecorder(run_dir, logger, cfg.log.flush_every_n_steps, cfg.log.flush_every_s,
                                 purge_from_step=resume_step)
         telemetry = _telemetry(cfg, recorder)

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from tensorboard.compat.proto.summary_pb2 import Summary
 
 from gradwatch import tags
 from gradwatch.errors import ConfigError
+from gradwatch.events import EventFile
 from gradwatch.sinks import ParquetSink
 
 
 class StepRecorder(pl.Callback):
-    """Records `train/loss`, `lr` and whatever telemetry adds, every step.
+    """Records `train/loss`, `lr` and whatever telemetry adds, every step, to TensorBoard and parquet.
 
     Example::
 
@@ -69,8 +69,8 @@ class StepRecorder(pl.Callback):
 
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.writer = self.logger.experiment
-        self._file_writer = self.writer._get_file_writer()
+        self.writer = self.logger.experiment  # for histograms and hparams
+        self.events = EventFile(self.run_dir / "tb", purge_from_step=self.purge_from_step)
         self.sink = ParquetSink(self.run_dir, purge_from_step=self.purge_from_step)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -87,6 +87,11 @@ class StepRecorder(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.flush()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.sink is not None:
+            self.flush()
+            self.events.close()
 
     # -- checkpointed state: the loss curve so far, so a resumed run reports on all of it ----
     def state_dict(self) -> dict:
@@ -107,8 +112,7 @@ class StepRecorder(pl.Callback):
         self._pending_tags, self._pending_values = [], []
         self._loss, self._loss_step = None, None
 
-        summary = Summary(value=[Summary.Value(tag=n, simple_value=v) for n, v in zip(names, values, strict=True)])
-        self._file_writer.add_summary(summary, step)
+        self.events.add_scalars(step, names, values)
         self.sink.write(step, tuple(names), values)
         self.losses.append((step, loss_value))
         self.last.update(zip(names, values, strict=True))
@@ -122,5 +126,5 @@ class StepRecorder(pl.Callback):
         if self.sink is None:
             return
         self.sink.flush()
-        self.writer.flush()
+        self.events.flush()
         self._last_flush = time.monotonic()

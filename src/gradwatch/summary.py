@@ -69,7 +69,8 @@ def _overrides(record: dict, run_dir: Path) -> dict:
     items = record.get("overrides")
     if items is None:
         path = run_dir / ".hydra" / "overrides.yaml"
-        items = [line.strip()[2:] for line in path.read_text().splitlines() if line.startswith("- ")] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        items = [line.strip()[2:] for line in lines if line.startswith("- ")]
     pairs = {}
     for item in items:
         key, sep, value = str(item).lstrip("+~").partition("=")

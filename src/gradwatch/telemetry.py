@@ -148,7 +148,8 @@ class GradientTelemetry(pl.Callback):
 
     def _check_finite(self, trainer, step: int, names: list[str], values: list[float]) -> None:
         suffix = "/" + "nonfinite"
-        bad = [n[len("grad/"): -len(suffix)] for n, v in zip(names, values, strict=True) if n.endswith(suffix) and v > 0]
+        bad = [n[len("grad/"): -len(suffix)] for n, v in zip(names, values, strict=True)
+               if n.endswith(suffix) and v > 0]
         if not bad:
             return
         if self.on_nonfinite == "stop":
