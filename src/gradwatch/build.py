@@ -31,7 +31,7 @@ class Parts:
     batches: TensorBatches
 
 
-def _call(node: dict, **kwargs):
+def call_target(node: dict, **kwargs):
     """instantiate(), but a ConfigError raised inside the target reaches the user unwrapped."""
     try:
         return instantiate(node, _convert_="all", **kwargs)
@@ -72,10 +72,10 @@ def build(cfg: DictConfig) -> Parts:
     _check_lr(cfg)
     data_seed = cfg.dataset.get("seed")
     data_seed = seed if data_seed is None else data_seed
-    x, y = _call(_group(cfg, "dataset", drop=_BATCHING_KEYS), seed=data_seed)
+    x, y = call_target(_group(cfg, "dataset", drop=_BATCHING_KEYS), seed=data_seed)
     batches = TensorBatches(x, y, cfg.dataset.get("batch_size"), bool(cfg.dataset.get("shuffle", True)), data_seed)
 
-    loss_fn = _call(_group(cfg, "loss"))
+    loss_fn = call_target(_group(cfg, "loss"))
     if isinstance(loss_fn, _BCE_LOSSES) and not bool(((y >= 0) & (y <= 1)).all()):
         bad = sorted({v for v in y.reshape(-1).tolist() if not 0 <= v <= 1})
         raise ConfigError("dataset.y", bad, f"targets in [0, 1] for {type(loss_fn).__name__}")
@@ -83,7 +83,7 @@ def build(cfg: DictConfig) -> Parts:
     pl.seed_everything(seed, workers=True, verbose=False)
     in_features = _feature_size(cfg, "in_features", x.shape[1], "input")
     out_features = _feature_size(cfg, "out_features", y.shape[1], "target")
-    model = _call(_group(cfg, "model", drop=("init",)), in_features=in_features, out_features=out_features)
+    model = call_target(_group(cfg, "model", drop=("init",)), in_features=in_features, out_features=out_features)
     init = cfg.model.get("init")
     apply_init(model, OmegaConf.to_container(init, resolve=True) if init is not None else None)
 
@@ -92,5 +92,5 @@ def build(cfg: DictConfig) -> Parts:
     if out_shape != tuple(y.shape[1:]):
         raise ConfigError("model", f"output shape {list(out_shape)}", f"the dataset's target shape {list(y.shape[1:])}")
 
-    optimizer = _call(_group(cfg, "optimizer"))
+    optimizer = call_target(_group(cfg, "optimizer"))
     return Parts(model, loss_fn, optimizer, x, y, batches)

@@ -513,18 +513,20 @@ def _number(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def _nested(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_nested(v) for v in value) + "]"
+    return _number(value)
+
+
 def _values(view: dict) -> str:
-    if "values" in view:
-        values = view["values"]
-        if isinstance(values, list):
-            flat = values
-            while len(flat) == 1 and isinstance(flat[0], list):
-                flat = flat[0]
-            if len(flat) == 1 and not isinstance(flat[0], list):
-                return _number(flat[0])
-            return json.dumps(values, default=str).replace('"', "")
-        return _number(values)
-    return " ".join(f"{k}={_number(view[k])}" for k in ("mean", "std", "min", "max"))
+    if "values" not in view:
+        return " ".join(f"{k}={_number(view[k])}" for k in ("mean", "std", "min", "max"))
+    value = view["values"]
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    # A one-element tensor reads as its number, as the tutorials print .item(); others keep their nesting.
+    return _number(value) if not isinstance(value, list) else _nested(view["values"])
 
 
 def _shape(view_or_shape) -> str:

@@ -18,14 +18,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from gradwatch import sweep, tags
-from gradwatch.build import build
+from gradwatch.build import build, call_target
 from gradwatch.checkpointing import LastCheckpoint
 from gradwatch.errors import ConfigError
 from gradwatch.metrics import finite_or_none, steps_to_converge
 from gradwatch.module import GradwatchModule
 from gradwatch.recorder import StepRecorder
 from gradwatch.runinfo import RunRecord
-from gradwatch.telemetry import GradientTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,12 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError("summary.converge_below", below, "a number >= 0")
 
 
-def _telemetry(cfg: DictConfig, recorder: StepRecorder) -> GradientTelemetry | None:
-    t = cfg.telemetry
-    if not t.enabled:
+def _telemetry(cfg: DictConfig, recorder: StepRecorder):
+    if not cfg.telemetry.enabled:
         return None
+    node = {k: v for k, v in OmegaConf.to_container(cfg.telemetry, resolve=True).items() if k != "enabled"}
     try:
-        return GradientTelemetry(recorder, every_n_steps=t.every_n_steps, activations=t.activations,
-                                 on_nonfinite=t.on_nonfinite, histograms_every_n_steps=t.histograms_every_n_steps)
+        return call_target(node, recorder=recorder)
     except ConfigError as err:
         raise ConfigError(f"telemetry.{err.key}", err.value, err.allowed) from None
 

@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from gradwatch import tags
 from gradwatch.errors import ConfigError
 from gradwatch.events import EventFile
 from gradwatch.sinks import ParquetSink
+
+
+_HEAD = (tags.LOSS, tags.LR)
 
 
 class StepRecorder(pl.Callback):
@@ -48,19 +52,24 @@ class StepRecorder(pl.Callback):
         self.flush_every_n_steps = flush_every_n_steps
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
-        self._pending_tags: list[str] = []
-        self._pending_values: list[float] = []
+        self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
+        self._names: dict[tuple, tuple[str, ...]] = {}
         self._loss: torch.Tensor | None = None
         self._loss_step: int | None = None
         # What the run's record needs at the end.
         self.losses: list[tuple[int, float]] = []
-        self.last: dict[str, float] = {}
+        self._latest: dict[tuple[str, ...], np.ndarray] = {}
         self.divergence: dict | None = None
 
     # -- what telemetry calls -------------------------------------------------------------
-    def add(self, names: list[str], values: list[float]) -> None:
-        self._pending_tags.extend(names)
-        self._pending_values.extend(values)
+    def add(self, names: tuple[str, ...], values: np.ndarray) -> None:
+        """Values for this step's event; `names` is best the same tuple object every step."""
+        self._pending.append((names, values))
+
+    @property
+    def last(self) -> dict[str, float]:
+        """The latest value of every tag recorded so far."""
+        return {n: float(v) for names, values in self._latest.items() for n, v in zip(names, values, strict=True)}
 
     def diverge(self, step: int, reason: str, trainer: "pl.Trainer") -> None:
         if self.divergence is None:
@@ -107,15 +116,19 @@ class StepRecorder(pl.Callback):
             return
         loss_value = float(loss)
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
-        names = [tags.LOSS, tags.LR, *self._pending_tags]
-        values = [loss_value, lr, *self._pending_values]
-        self._pending_tags, self._pending_values = [], []
+        groups = [(_HEAD, np.array([loss_value, lr])), *self._pending]
+        self._pending = []
         self._loss, self._loss_step = None, None
+        key = tuple(names for names, _ in groups)
+        names = self._names.get(key)
+        if names is None:
+            names = self._names[key] = tuple(n for group in key for n in group)
+        values = np.concatenate([v for _, v in groups])
 
         self.events.add_scalars(step, names, values)
-        self.sink.write(step, tuple(names), values)
+        self.sink.write(step, names, values)
         self.losses.append((step, loss_value))
-        self.last.update(zip(names, values, strict=True))
+        self._latest.update(groups)
         if not math.isfinite(loss_value):
             self.diverge(step, f"non-finite loss ({loss_value}) at step {step}", trainer)
 

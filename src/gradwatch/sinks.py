@@ -31,13 +31,13 @@ class ParquetSink:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._steps: list[int] = []
         self._tags: list[tuple[str, ...]] = []
-        self._values: list[list[float]] = []
+        self._values: list[np.ndarray] = []
         if purge_from_step is not None:
             self._purge(purge_from_step)
         parts = _parts(self.folder)
         self._next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
 
-    def write(self, step: int, tags: tuple[str, ...], values: list[float]) -> None:
+    def write(self, step: int, tags: tuple[str, ...], values: np.ndarray) -> None:
         self._steps.append(step)
         self._tags.append(tags)
         self._values.append(values)
@@ -48,7 +48,7 @@ class ParquetSink:
         lengths = np.fromiter((len(t) for t in self._tags), dtype=np.int64, count=len(self._tags))
         steps = np.repeat(np.asarray(self._steps, dtype=np.int64), lengths)
         tags = [tag for group in self._tags for tag in group]
-        values = np.fromiter((v for group in self._values for v in group), dtype=np.float64, count=len(tags))
+        values = np.concatenate(self._values).astype(np.float64, copy=False)
         table = pa.table({"step": steps, "tag": pa.array(tags).dictionary_encode(), "value": values})
         self._write_part(table)
         self._steps, self._tags, self._values = [], [], []

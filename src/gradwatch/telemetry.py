@@ -7,18 +7,20 @@
 import logging
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
 from gradwatch import tags
 from gradwatch.errors import ConfigError
 from gradwatch.recorder import StepRecorder
-from gradwatch.stats import SegmentReducer, activation_stats, epoch_dead_fraction, gradient_stats
+from gradwatch.stats import ActivationStats, GradientStats
 
 log = logging.getLogger(__name__)
 
 ON_NONFINITE = ("warn", "stop")
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
+_NONFINITE = tags.GRAD_STATS.index("nonfinite")
 
 
 def relu_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -30,16 +32,17 @@ class GradientTelemetry(pl.Callback):
     """Logs `grad/<param>/<stat>`, `grad/global_norm` and `act/<layer>/...` every `every_n_steps`.
 
     Gradients are read in `on_before_optimizer_step`: the gradients of this step's loss, before
-    the update. Activations come from forward hooks that exist only on the steps that log.
+    the update. Activations come from forward hooks on ReLU modules; when logging every N > 1
+    steps, the hooks exist only on the steps that log, so the other steps do no work at all.
 
     Example::
 
-        recorder = StepRecorder(run_dir, writer)
+        recorder = StepRecorder(run_dir, logger)
         Trainer(callbacks=[GradientTelemetry(recorder, every_n_steps=10), recorder])
 
     Args:
         recorder: where the numbers go.
-        every_n_steps: log on steps 0, n, 2n, ...; on other steps nothing is computed.
+        every_n_steps: log on steps 0, n, 2n, ...
         activations: record dead/zero fractions of ReLU layers.
         on_nonfinite: `warn` (log it, warn once per parameter) or `stop` (end the run as diverged).
         histograms_every_n_steps: also write gradient histograms this often (0: never).
@@ -63,61 +66,68 @@ class GradientTelemetry(pl.Callback):
         self._active = False
         self._hooks: list = []
         self._outputs: list[torch.Tensor] = []
-        self._grad_cache: tuple[tuple[str, ...], SegmentReducer, list[str]] | None = None
         self._layers: list[tuple[str, nn.Module]] = []
-        self._act_reducer: SegmentReducer | None = None
-        self._act_tags: list[str] = []
+        self._grad_key: tuple[str, ...] | None = None
+        self._grad_stats: GradientStats | None = None
+        self._grad_tags: tuple[str, ...] = ()
+        self._act_stats: ActivationStats | None = None
+        self._act_tags: tuple[str, ...] = ()
+        self._epoch_tags: tuple[str, ...] = ()
         self._fired_epoch: torch.Tensor | None = None
 
     @staticmethod
     def _network(pl_module: pl.LightningModule) -> nn.Module:
         return getattr(pl_module, "model", pl_module)
 
+    # -- when ----------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
         self._layers = relu_layers(self._network(pl_module)) if self.activations else []
-        self._act_tags = [tags.act(name, stat) for name, _ in self._layers for stat in tags.ACT_STATS]
+        self._act_tags = tuple(tags.act(name, stat) for name, _ in self._layers for stat in tags.ACT_STATS)
+        self._epoch_tags = tuple(tags.act(name, tags.ACT_EPOCH) for name, _ in self._layers)
+        if self.every_n_steps == 1:
+            self._add_hooks()  # every step logs: keep them for the whole fit
 
-    # -- when ----------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._active = trainer.global_step % self.every_n_steps == 0
-        if self._active and self._layers:
-            self._outputs = []
-            self._hooks = [m.register_forward_hook(self._keep_output) for _, m in self._layers]
-
-    def _keep_output(self, module, inputs, output) -> None:
-        if module.training:
-            self._outputs.append(output)
+    def _add_hooks(self) -> None:
+        self._hooks = [m.register_forward_hook(self._keep_output) for _, m in self._layers]
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
+    def _keep_output(self, module, inputs, output) -> None:
+        if module.training:
+            self._outputs.append(output)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._active = trainer.global_step % self.every_n_steps == 0
+        self._outputs = []
+        if self._active and self.every_n_steps > 1:
+            self._add_hooks()
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._active:
             return
         self._active = False
-        self._remove_hooks()
+        if self.every_n_steps > 1:
+            self._remove_hooks()
         step = trainer.global_step
         named = [(n, p.grad) for n, p in self._network(pl_module).named_parameters() if p.grad is not None]
-        names, values = self._gradient_values(named)
-        if len(self._outputs) == len(self._layers) and self._layers:
-            rows, fired = activation_stats(self._outputs, self._activation_reducer())
-            self._fired_epoch = fired if self._fired_epoch is None else self._fired_epoch | fired
-            names += self._act_tags
-            values += rows.reshape(-1).tolist()
+        if named:
+            grad_values = self._gradient_values(named)
+            self.recorder.add(self._grad_tags, grad_values)
+            self._check_finite(trainer, step, named, grad_values)
+        if self._layers and len(self._outputs) == len(self._layers):
+            self.recorder.add(self._act_tags, self._activation_values())
         self._outputs = []
-        self.recorder.add(names, values)
         if self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0:
             for name, grad in named:
                 self.recorder.writer.add_histogram(f"grad/{name}", grad.detach(), step)
-        self._check_finite(trainer, step, names, values)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        last_batch = batch_idx + 1 >= trainer.num_training_batches
-        if last_batch and self._fired_epoch is not None:
-            dead = epoch_dead_fraction(self._fired_epoch, self._activation_reducer()).tolist()
-            self.recorder.add([tags.act(name, tags.ACT_EPOCH) for name, _ in self._layers], dead)
+        if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
+            dead = self._act_stats.epoch_dead_fraction(self._fired_epoch).numpy()
+            self.recorder.add(self._epoch_tags, dead)
             self._fired_epoch = None
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -127,31 +137,28 @@ class GradientTelemetry(pl.Callback):
         self._remove_hooks()
 
     # -- what -----------------------------------------------------------------------------------
-    def _gradient_values(self, named: list[tuple[str, torch.Tensor]]) -> tuple[list[str], list[float]]:
+    def _gradient_values(self, named: list[tuple[str, torch.Tensor]]) -> np.ndarray:
         key = tuple(n for n, _ in named)
-        if self._grad_cache is None or self._grad_cache[0] != key:
-            reducer = SegmentReducer([g.numel() for _, g in named])
-            names = [tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS] + [tags.GLOBAL_NORM]
-            self._grad_cache = (key, reducer, names)
-        _, reducer, names = self._grad_cache
-        if not named:
-            return [], []
-        table = gradient_stats([g for _, g in named], reducer)
-        per_param = table[:-1].reshape(-1)
-        global_norm = table[-1, tags.GRAD_STATS.index("norm")].reshape(1)
-        return list(names), torch.cat([per_param, global_norm]).tolist()
+        if key != self._grad_key:
+            self._grad_key = key
+            self._grad_stats = GradientStats([g.numel() for _, g in named])
+            self._grad_tags = tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS) + (tags.GLOBAL_NORM,)
+        table = self._grad_stats([g for _, g in named])
+        # Per-parameter rows, then the global norm: one transfer to the host.
+        return torch.cat([table[:-1].reshape(-1), table[-1:, tags.GRAD_STATS.index("norm")]]).numpy()
 
-    def _activation_reducer(self) -> SegmentReducer:
-        if self._act_reducer is None:
-            self._act_reducer = SegmentReducer([o.reshape(o.shape[0], -1).shape[1] for o in self._outputs])
-        return self._act_reducer
+    def _activation_values(self) -> np.ndarray:
+        if self._act_stats is None:
+            self._act_stats = ActivationStats([tuple(o.shape) for o in self._outputs])
+        rows, fired = self._act_stats(self._outputs)
+        self._fired_epoch = fired if self._fired_epoch is None else self._fired_epoch | fired
+        return rows.reshape(-1).numpy()
 
-    def _check_finite(self, trainer, step: int, names: list[str], values: list[float]) -> None:
-        suffix = "/" + "nonfinite"
-        bad = [n[len("grad/"): -len(suffix)] for n, v in zip(names, values, strict=True)
-               if n.endswith(suffix) and v > 0]
-        if not bad:
+    def _check_finite(self, trainer, step: int, named, values: np.ndarray) -> None:
+        counts = values[:-1].reshape(len(named), len(tags.GRAD_STATS))[:, _NONFINITE]
+        if not counts.any():
             return
+        bad = [name for (name, _), count in zip(named, counts, strict=True) if count > 0]
         if self.on_nonfinite == "stop":
             self.recorder.diverge(step, f"non-finite gradient at step {step} in {', '.join(bad)}", trainer)
             return
