@@ -15,10 +15,11 @@ from torch import nn
 
 from gradwatch.data import TensorBatches
 from gradwatch.errors import ConfigError
-from gradwatch.models import apply_init
+from gradwatch.models import apply_init, init_scheme
 
 _BCE_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss)
 _BATCHING_KEYS = ("batch_size", "shuffle", "seed")
+_INIT_KEYS = ("init", "weight_init", "bias_init")
 
 
 @dataclass
@@ -83,7 +84,8 @@ def build(cfg: DictConfig) -> Parts:
     pl.seed_everything(seed, workers=True, verbose=False)
     in_features = _feature_size(cfg, "in_features", x.shape[1], "input")
     out_features = _feature_size(cfg, "out_features", y.shape[1], "target")
-    model = call_target(_group(cfg, "model", drop=("init",)), in_features=in_features, out_features=out_features)
+    model = call_target(_group(cfg, "model", drop=_INIT_KEYS), in_features=in_features, out_features=out_features)
+    init_scheme(model, cfg.model.get("weight_init", "default"), cfg.model.get("bias_init"))
     init = cfg.model.get("init")
     apply_init(model, OmegaConf.to_container(init, resolve=True) if init is not None else None)
 

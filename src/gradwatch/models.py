@@ -64,6 +64,32 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+WEIGHT_INITS = {
+    "default": None,
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "xavier_normal": nn.init.xavier_normal_,
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+}
+
+
+def init_scheme(model: nn.Module, weight_init: str = "default", bias_init: float | None = None) -> None:
+    """Re-initialise every Linear layer: a weight scheme by name, and biases filled with a number."""
+    if weight_init not in WEIGHT_INITS:
+        raise ConfigError("model.weight_init", weight_init, "one of " + ", ".join(WEIGHT_INITS))
+    if bias_init is not None and (isinstance(bias_init, bool) or not isinstance(bias_init, int | float)):
+        raise ConfigError("model.bias_init", bias_init, "null or a number")
+    scheme = WEIGHT_INITS[weight_init]
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, nn.Linear):
+                continue
+            if scheme is not None:
+                scheme(layer.weight)
+            if bias_init is not None and layer.bias is not None:
+                layer.bias.fill_(float(bias_init))
+
+
 def apply_init(model: nn.Module, init: Mapping[str, object] | None) -> None:
     """Set parameters by name: a number fills the tensor, a nested list gives exact values."""
     if not init:

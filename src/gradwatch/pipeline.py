@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,6 +98,8 @@ def _hparams(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 def run(cfg: DictConfig) -> float:
+    # Lightning's own use of a torch API it deprecated: not the user's to act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

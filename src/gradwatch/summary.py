@@ -37,6 +37,7 @@ class Summary:
     grouped: pd.DataFrame
     swept: list[str]
     curves: pd.DataFrame  # run_dir, step, loss: the loss curve of every run
+    fixed: dict = field(default_factory=dict)  # overrides every run shares
     unreadable: list[str] = field(default_factory=list)
 
     @property
@@ -163,7 +164,10 @@ def summarize(folder: Path, converge_below: float = 1e-3, relative: bool = False
         if row["status"] == "unreadable" or "unreadable" in str(row.get("error") or ""):
             unreadable.append(row["run_dir"])
     overrides = [row.pop("overrides") for row in rows]
-    keys = sorted({k for o in overrides for k in o} - NOT_SWEPT)
+    all_keys = sorted({k for o in overrides for k in o} - NOT_SWEPT)
+    # Swept keys are those whose value differs between runs (all of them for a single run).
+    keys = [k for k in all_keys if len(rows) < 2 or len({repr(o.get(k)) for o in overrides}) > 1]
+    fixed = {k: overrides[0].get(k) for k in all_keys if k not in keys}
     for row, o in zip(rows, overrides, strict=True):
         row.update({k: o.get(k) for k in keys})
     runs = pd.DataFrame(rows)
@@ -171,12 +175,14 @@ def summarize(folder: Path, converge_below: float = 1e-3, relative: bool = False
     columns = LEAD_COLUMNS + keys + RESULT_COLUMNS + layer_columns + TAIL_COLUMNS
     runs = runs.reindex(columns=columns)
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["run_dir", "step", "loss"])
-    return Summary(runs, grouped_view(runs, keys) if len(runs) else pd.DataFrame(), keys, curve_frame, unreadable)
+    grouped = grouped_view(runs, keys) if len(runs) else pd.DataFrame()
+    return Summary(runs, grouped, keys, curve_frame, fixed, unreadable)
 
 
 def to_markdown(summary: Summary, folder: Path) -> str:
     lines = [f"# Sweep summary: {folder}", "",
-             f"{len(summary.runs)} runs; swept: {', '.join(summary.swept) or 'nothing'}.", ""]
+             f"{len(summary.runs)} runs; swept: {', '.join(summary.swept) or 'nothing'}; "
+             f"fixed: {', '.join(f'{k}={v}' for k, v in summary.fixed.items()) or 'nothing'}.", ""]
     if summary.unreadable:
         lines += [f"Unreadable: {', '.join(summary.unreadable)}", ""]
     lines += ["## Per setting (mean and std over seeds)", "",

@@ -162,7 +162,7 @@ class GradientTelemetry(pl.Callback):
         if self.on_nonfinite == "stop":
             self.recorder.diverge(step, f"non-finite gradient at step {step} in {', '.join(bad)}", trainer)
             return
-        for name in bad:
-            if name not in self._warned:
-                self._warned.add(name)
-                log.warning("non-finite gradient in %s at step %d", name, step)
+        new = [name for name in bad if name not in self._warned]
+        if new:
+            self._warned.update(new)
+            log.warning("non-finite gradient at step %d in %s", step, ", ".join(new))
