@@ -97,8 +97,8 @@ def bench_models(short: int, long: int, repeats: int, folder: Path) -> None:
 
 
 def bench_writers(n_scalars: int, events: int, folder: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
     from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
 
     names = [f"grad/{i}.weight/mean" for i in range(n_scalars)]
     values = [float(i) for i in range(n_scalars)]

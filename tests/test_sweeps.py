@@ -1,8 +1,8 @@
 """Sweeps through `train.py -m` in subprocesses, and their summaries."""
 
 import json
-import re
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -11,9 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import REPO, compose_cfg, read_tb, train_py
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from gradwatch.errors import ConfigError
 from gradwatch.events import EventFile
 from gradwatch.sinks import ParquetSink
 
-
 _HEAD = (tags.LOSS, tags.LR)
 
 

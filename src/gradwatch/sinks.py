@@ -6,11 +6,14 @@ writes one new part atomically, so a killed run keeps everything up to its last 
 
 import io
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradwatch.files import write_atomic
@@ -77,22 +80,78 @@ def _parts(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.parquet"))
 
 
-def read_metrics(run_dir: Path) -> pd.DataFrame:
-    """All scalars of a run as a long DataFrame (step, tag, value); unreadable parts are skipped.
+_SCHEMA = pa.schema([("step", pa.int64()), ("tag", pa.dictionary(pa.int32(), pa.string())), ("value", pa.float64())])
 
-    The skipped parts are listed in `df.attrs["unreadable"]`.
-    """
+
+def _keep_rows(table: pa.Table, keep: Callable[[str], bool]) -> pa.Table:
+    """Rows whose tag passes `keep`, testing each distinct tag once (not each of the rows)."""
+    tags = table.column("tag").combine_chunks()
+    if not pa.types.is_dictionary(tags.type):
+        tags = tags.dictionary_encode()
+    wanted = pa.array([keep(tag) for tag in tags.dictionary.to_pylist()], type=pa.bool_())
+    return table.filter(pc.take(wanted, tags.indices))
+
+
+@dataclass
+class Scalars:
+    """A run's scalars as arrays (step, tag code, value) and the tag of each code."""
+
+    step: np.ndarray
+    code: np.ndarray
+    value: np.ndarray
+    names: list[str]
+    unreadable: list[str]
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def mask(self, predicate: Callable[[str], bool]) -> np.ndarray:
+        """Rows whose tag passes `predicate`, testing each distinct tag once."""
+        wanted = np.fromiter((predicate(n) for n in self.names), dtype=bool, count=len(self.names))
+        return wanted[self.code] if len(self.names) else np.zeros(len(self), dtype=bool)
+
+    def series(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one tag in step order; a step written twice keeps its last value."""
+        rows = np.flatnonzero(self.mask(lambda n: n == tag))
+        steps = self.step[rows]
+        order = np.argsort(steps, kind="stable")
+        steps, values = steps[order], self.value[rows][order]
+        last = np.append(steps[1:] != steps[:-1], True) if len(steps) else np.zeros(0, dtype=bool)
+        return steps[last], values[last]
+
+
+def read_scalars(run_dir: Path, keep: Callable[[str], bool] | None = None) -> Scalars:
+    """The scalars of a run (all, or those whose tag passes `keep`); unreadable parts are skipped
+    and listed in `unreadable`."""
     tables, unreadable = [], []
     for part in _parts(Path(run_dir) / METRICS_DIR):
         try:
             table = pq.read_table(part)
-            tables.append(table.cast(pa.schema([("step", pa.int64()), ("tag", pa.string()), ("value", pa.float64())])))
+            if keep is not None:
+                table = _keep_rows(table, keep)
+            tables.append(table.cast(_SCHEMA))
         except (pa.ArrowException, OSError) as err:
             unreadable.append(f"{part.name}: {err}")
-    if tables:
-        frame = pa.concat_tables(tables).to_pandas()
-    else:
-        frame = pd.DataFrame({"step": pd.Series(dtype="int64"), "tag": pd.Series(dtype="str"),
-                              "value": pd.Series(dtype="float64")})
-    frame.attrs["unreadable"] = unreadable
+    table = pa.concat_tables(tables).unify_dictionaries() if tables else _SCHEMA.empty_table()
+    tags = table.column("tag").combine_chunks()
+    if isinstance(tags, pa.ChunkedArray):  # an empty table
+        tags = pa.DictionaryArray.from_arrays(pa.array([], pa.int32()), pa.array([], pa.string()))
+    return Scalars(
+        step=table.column("step").to_numpy(),
+        code=tags.indices.to_numpy(zero_copy_only=False),
+        value=table.column("value").to_numpy(),
+        names=tags.dictionary.to_pylist(),
+        unreadable=unreadable,
+    )
+
+
+def read_metrics(run_dir: Path, keep: Callable[[str], bool] | None = None) -> pd.DataFrame:
+    """The scalars of a run as a long DataFrame (step, tag, value), `tag` categorical.
+    Unreadable parts are skipped and listed in `df.attrs["unreadable"]`.
+    """
+    scalars = read_scalars(run_dir, keep)
+    tag = pd.Categorical.from_codes(scalars.code, categories=pd.Index(scalars.names, dtype=object)) \
+        if len(scalars.names) else pd.Categorical([])
+    frame = pd.DataFrame({"step": scalars.step, "tag": tag, "value": scalars.value})
+    frame.attrs["unreadable"] = scalars.unreadable
     return frame

@@ -6,6 +6,7 @@ scripts/bench_summary.py). Runs that cannot be read are listed, never crash the 
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from gradwatch import tags
 from gradwatch.files import write_atomic
 from gradwatch.metrics import steps_to_converge
 from gradwatch.runinfo import RUN_FILE
-from gradwatch.sinks import METRICS_DIR, read_metrics
+from gradwatch.sinks import METRICS_DIR, Scalars, read_scalars
 
 # The summary's columns, in order (DESIGN.md, "Summary table"); swept keys go after `status`
 # and per-layer dead fractions after `dead_fraction_max`.
@@ -80,18 +81,30 @@ def _overrides(record: dict, run_dir: Path) -> dict:
     return pairs
 
 
-def _dead_columns(metrics: pd.DataFrame) -> dict:
-    dead = metrics[metrics["tag"].map(tags.is_dead_fraction)]
-    if dead.empty:
+def _summary_tag(tag: str) -> bool:
+    """The tags a summary row is made of."""
+    return tag in (tags.LOSS, tags.GLOBAL_NORM) or tags.is_dead_fraction(tag) or tag.endswith("/nonfinite")
+
+
+def _dead_columns(scalars: Scalars) -> dict:
+    rows = scalars.mask(tags.is_dead_fraction)
+    if not rows.any():
         return {"dead_fraction_final": math.nan, "dead_fraction_max": math.nan}
-    table = dead.pivot_table(index="step", columns="tag", values="value", aggfunc="last").sort_index()
-    mean = table.mean(axis=1)
-    row = {"dead_fraction_final": float(mean.iloc[-1]), "dead_fraction_max": float(mean.max())}
-    for tag in table.columns:
-        layer = tags.layer_of(tag)
-        row[f"dead_fraction_final/{layer}"] = float(table[tag].dropna().iloc[-1])
-        row[f"dead_fraction_max/{layer}"] = float(table[tag].max())
+    steps, codes, values = scalars.step[rows], scalars.code[rows], scalars.value[rows]
+    logged, index = np.unique(steps, return_inverse=True)
+    mean = np.bincount(index, weights=values) / np.bincount(index)  # over layers, per logged step
+    row = {"dead_fraction_final": float(mean[-1]), "dead_fraction_max": float(mean.max())}
+    for code in sorted(set(codes.tolist()), key=lambda c: _natural(scalars.names[c])):
+        layer = tags.layer_of(scalars.names[code])
+        mine = codes == code
+        row[f"dead_fraction_final/{layer}"] = float(values[mine][np.argmax(steps[mine])])
+        row[f"dead_fraction_max/{layer}"] = float(values[mine].max())
     return row
+
+
+def _natural(text: str) -> list:
+    """Sort key putting `act/2/...` before `act/10/...`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def summarize_run(run_dir: Path, root: Path, converge_below: float, relative: bool):
@@ -111,13 +124,12 @@ def summarize_run(run_dir: Path, root: Path, converge_below: float, relative: bo
     row["overrides"] = _overrides(record, run_dir)
     row["seed"] = record.get("seed", row["overrides"].get("seed"))
 
-    metrics = read_metrics(run_dir)
-    problems += [f"metrics {p}" for p in metrics.attrs["unreadable"]]
-    loss = metrics[metrics["tag"] == tags.LOSS].drop_duplicates("step", keep="last").sort_values("step")
-    steps, losses = loss["step"].to_numpy(), loss["value"].to_numpy()
+    scalars = read_scalars(run_dir, keep=_summary_tag)
+    problems += [f"metrics {p}" for p in scalars.unreadable]
+    steps, losses = scalars.series(tags.LOSS)
     finite = losses[np.isfinite(losses)]
-    nonfinite_grads = metrics.loc[metrics["tag"].str.endswith("/nonfinite"), "value"]
-    norm = metrics.loc[metrics["tag"] == tags.GLOBAL_NORM, "value"]
+    nonfinite_grads = scalars.value[scalars.mask(lambda tag: tag.endswith("/nonfinite"))]
+    _, norm = scalars.series(tags.GLOBAL_NORM)
     stc = steps_to_converge(steps, losses, converge_below, relative)
     diverged = row["status"] == "diverged" or len(finite) < len(losses) or bool((nonfinite_grads > 0).any())
     row.update({
@@ -127,10 +139,10 @@ def summarize_run(run_dir: Path, root: Path, converge_below: float, relative: bo
         "steps_to_converge": math.nan if stc is None else stc,
         "converged": stc is not None and not diverged,
         "diverged": diverged,
-        "grad_global_norm_final": float(norm.iloc[-1]) if len(norm) else math.nan,
-        **_dead_columns(metrics),
+        "grad_global_norm_final": float(norm[-1]) if len(norm) else math.nan,
+        **_dead_columns(scalars),
     })
-    if not record and metrics.empty:
+    if not record and not len(scalars):
         row["status"] = "unreadable"
     if problems:
         row["error"] = "; ".join(filter(None, [row.get("error"), *problems]))
@@ -171,7 +183,7 @@ def summarize(folder: Path, converge_below: float = 1e-3, relative: bool = False
     for row, o in zip(rows, overrides, strict=True):
         row.update({k: o.get(k) for k in keys})
     runs = pd.DataFrame(rows)
-    layer_columns = sorted(c for c in runs.columns if c.startswith("dead_fraction_") and "/" in c)
+    layer_columns = sorted((c for c in runs.columns if c.startswith("dead_fraction_") and "/" in c), key=_natural)
     columns = LEAD_COLUMNS + keys + RESULT_COLUMNS + layer_columns + TAIL_COLUMNS
     runs = runs.reindex(columns=columns)
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["run_dir", "step", "loss"])
