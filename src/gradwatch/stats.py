@@ -91,7 +91,8 @@ class ActivationStats:
 
     For the outputs of ReLU-like modules (>= 0). A unit is dead on a batch when it outputs 0 for
     every sample; zero_fraction is the share of all the layer's outputs that are 0. Outputs are
-    (batch, ...) tensors; everything past the batch dimension counts as units. `fired` is only for `epoch_dead_fraction` (OR it over steps).
+    (batch, ...) tensors; everything past the batch dimension counts as units. `fired` is only
+    for `epoch_dead_fraction` (OR it over the steps of an epoch).
 
     >>> rows, fired = ActivationStats([(2, 2)])([torch.tensor([[0.0, 1.0], [0.0, 0.0]])])
     >>> rows.tolist(), fired.tolist()
