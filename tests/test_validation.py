@@ -46,6 +46,8 @@ def test_bad_value_stops_before_training_with_one_line(run_dir, capsys, override
         (["-m", "optimizer=sgd,rmsprop2"],
          "gradwatch: optimizer=rmsprop2 is not valid: allowed is one of adam, adamw, sgd"),
         (["optimizer.lr=-1"], "gradwatch: optimizer.lr=-1 is not valid: allowed is a number > 0"),
+        (["hydra.run.dir=/dev/null/run"], "gradwatch: hydra.run.dir=/dev/null/run is not valid: allowed is a folder "
+                                           "that can be created and written (/dev/null is not a writable folder)"),
     ],
 )
 def test_train_py_prints_one_line_and_no_traceback(tmp_path, args, expected):

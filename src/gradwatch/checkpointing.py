@@ -31,7 +31,8 @@ class LastCheckpoint(pl.Callback):
         if self._saved_step == trainer.global_step:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.path)  # Lightning writes it atomically (temp file, then rename)
+        # Lightning writes it atomically (temp file, then rename); the full state, to resume.
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

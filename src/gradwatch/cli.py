@@ -1,5 +1,6 @@
 """Checks of the command line that must happen before Hydra starts: one clear line, no traceback."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,28 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | Non
     return None
 
 
+def check_output_folder(argv: list[str]) -> str | None:
+    """The error when the run or sweep folder cannot be created and written, else None."""
+    folders = {"hydra.run.dir": "outputs", "hydra.sweep.dir": "outputs"}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in folders:
+            folders[key] = value
+    for key, folder in folders.items():
+        if "${" in folder:
+            continue  # interpolated: Hydra resolves it
+        existing = Path(folder).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            return (f"{key}={folder} is not valid: allowed is a folder that can be created and written "
+                    f"({existing} is not a writable folder)")
+    return None
+
+
 def precheck(argv: list[str] | None = None, conf_dir: Path = CONF_DIR) -> None:
-    message = check_group_choices(sys.argv[1:] if argv is None else argv, conf_dir)
+    argv = sys.argv[1:] if argv is None else argv
+    message = check_group_choices(argv, conf_dir) or check_output_folder(argv)
     if message:
         print(f"gradwatch: {message}", file=sys.stderr)
         sys.exit(2)
