@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gradwatch.data import TensorBatches
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int, is_number
 from gradwatch.models import apply_init, init_scheme
 
 _BCE_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss)
@@ -52,7 +52,7 @@ def _group(cfg: DictConfig, key: str, drop: tuple[str, ...] = ()) -> dict:
 
 def _check_lr(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+    if not is_number(lr) or not lr > 0:
         raise ConfigError("optimizer.lr", lr, "a number > 0")
 
 
@@ -67,9 +67,7 @@ def _feature_size(cfg: DictConfig, key: str, data_size: int, what: str) -> int:
 
 def build(cfg: DictConfig) -> Parts:
     """Everything a run trains with, checked. Seeds torch first, so the same seed gives the same model."""
-    seed = cfg.seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError("seed", seed, "an integer")
+    seed = check_int("seed", cfg.seed)
     _check_lr(cfg)
     data_seed = cfg.dataset.get("seed")
     data_seed = seed if data_seed is None else data_seed

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import check_int
 
 
 class LastCheckpoint(pl.Callback):
@@ -21,10 +21,8 @@ class LastCheckpoint(pl.Callback):
     """
 
     def __init__(self, path: Path, every_n_steps: int):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError("checkpoint.every_n_steps", every_n_steps, "an integer >= 1")
         self.path = Path(path)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("checkpoint.every_n_steps", every_n_steps, minimum=1)
         self._saved_step: int | None = None
 
     def _save(self, trainer: pl.Trainer) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 
@@ -18,9 +18,7 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def _check_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError("dataset.size", size, "an integer >= 1 (a dataset cannot be empty)")
-    return size
+    return check_int("dataset.size", size, minimum=1, allowed="an integer >= 1 (a dataset cannot be empty)")
 
 
 def _noisy(y: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
@@ -85,9 +83,8 @@ class TensorBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, shuffle: bool, seed: int):
         n = len(x)
-        bad = isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        if batch_size is not None and bad:
-            raise ConfigError("dataset.batch_size", batch_size, "null (full batch) or an integer >= 1")
+        if batch_size is not None:
+            check_int("dataset.batch_size", batch_size, minimum=1, allowed="null (full batch) or an integer >= 1")
         self.x, self.y = x, y
         self.batch_size = n if batch_size is None else min(batch_size, n)
         self.shuffle = shuffle and self.batch_size < n

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int, is_number
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -23,16 +23,10 @@ def _activation(key: str, name: str | None) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def _check_size(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer >= 1")
-    return value
-
-
 def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Sequential:
     """One linear layer: `linear(2, 1)` has parameters `0.weight` (1x2) and `0.bias` (1)."""
-    _check_size("model.in_features", in_features)
-    _check_size("model.out_features", out_features)
+    check_int("model.in_features", in_features, minimum=1)
+    check_int("model.out_features", out_features, minimum=1)
     return nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
 
 
@@ -48,11 +42,11 @@ def mlp(
 
     `mlp(2, 1, hidden=[3])` is Sequential(Linear(2, 3), ReLU(), Linear(3, 1)).
     """
-    _check_size("model.in_features", in_features)
-    _check_size("model.out_features", out_features)
+    check_int("model.in_features", in_features, minimum=1)
+    check_int("model.out_features", out_features, minimum=1)
     sizes = [in_features]
     for i, width in enumerate(hidden or []):
-        sizes.append(_check_size(f"model.hidden[{i}]", width))
+        sizes.append(check_int(f"model.hidden[{i}]", width, minimum=1))
     sizes.append(out_features)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -77,7 +71,7 @@ def init_scheme(model: nn.Module, weight_init: str = "default", bias_init: float
     """Re-initialise every Linear layer: a weight scheme by name, and biases filled with a number."""
     if weight_init not in WEIGHT_INITS:
         raise ConfigError("model.weight_init", weight_init, "one of " + ", ".join(WEIGHT_INITS))
-    if bias_init is not None and (isinstance(bias_init, bool) or not isinstance(bias_init, int | float)):
+    if bias_init is not None and not is_number(bias_init):
         raise ConfigError("model.bias_init", bias_init, "null or a number")
     scheme = WEIGHT_INITS[weight_init]
     with torch.no_grad():
@@ -101,7 +95,7 @@ def apply_init(model: nn.Module, init: Mapping[str, object] | None) -> None:
             raise ConfigError(key, value, "a parameter of the model: " + ", ".join(params))
         param = params[name]
         with torch.no_grad():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if is_number(value):
                 param.fill_(float(value))
                 continue
             try:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradwatch import sweep, tags
 from gradwatch.build import build, call_target
 from gradwatch.checkpointing import LastCheckpoint
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, is_number
 from gradwatch.metrics import finite_or_none, steps_to_converge
 from gradwatch.module import GradwatchModule
 from gradwatch.recorder import StepRecorder
@@ -53,7 +53,7 @@ def checkpoint_step(path: Path | None) -> int | None:
 
 def _check_top_level(cfg: DictConfig) -> None:
     below = cfg.summary.converge_below
-    if isinstance(below, bool) or not isinstance(below, int | float) or below < 0:
+    if not is_number(below) or below < 0:
         raise ConfigError("summary.converge_below", below, "a number >= 0")
 
 

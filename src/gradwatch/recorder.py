@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gradwatch import tags
-from gradwatch.errors import ConfigError
+from gradwatch.errors import check_int
 from gradwatch.events import EventFile
 from gradwatch.sinks import ParquetSink
 
@@ -40,9 +40,7 @@ class StepRecorder(pl.Callback):
 
     def __init__(self, run_dir: Path, logger, flush_every_n_steps: int = 100, flush_every_s: float = 5.0,
                  purge_from_step: int | None = None):
-        if isinstance(flush_every_n_steps, bool) or not isinstance(flush_every_n_steps, int) \
-                or flush_every_n_steps < 1:
-            raise ConfigError("log.flush_every_n_steps", flush_every_n_steps, "an integer >= 1")
+        check_int("log.flush_every_n_steps", flush_every_n_steps, minimum=1)
         self.run_dir = Path(run_dir)
         self.logger = logger
         self.purge_from_step = purge_from_step

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gradwatch import tags
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_int
 from gradwatch.recorder import StepRecorder
 from gradwatch.stats import ActivationStats, GradientStats
 
@@ -50,13 +50,10 @@ class GradientTelemetry(pl.Callback):
 
     def __init__(self, recorder: StepRecorder, every_n_steps: int = 1, activations: bool = True,
                  on_nonfinite: str = "warn", histograms_every_n_steps: int = 0):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError("every_n_steps", every_n_steps, "an integer >= 1")
+        check_int("every_n_steps", every_n_steps, minimum=1)
+        check_int("histograms_every_n_steps", histograms_every_n_steps, minimum=0, allowed="an integer >= 0 (0: never)")
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError("on_nonfinite", on_nonfinite, "one of " + ", ".join(ON_NONFINITE))
-        if isinstance(histograms_every_n_steps, bool) or not isinstance(histograms_every_n_steps, int) \
-                or histograms_every_n_steps < 0:
-            raise ConfigError("histograms_every_n_steps", histograms_every_n_steps, "an integer >= 0 (0: never)")
         self.recorder = recorder
         self.every_n_steps = every_n_steps
         self.activations = activations
