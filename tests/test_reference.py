@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import compose_cfg, read_tb, train
 
 from gradwatch.build import build
 from gradwatch.runinfo import read_run
+
+from conftest import compose_cfg, read_tb, train
 
 EXACT = 1e-6
 

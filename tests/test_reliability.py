@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, read_tb, train_py
 from gradwatch.sinks import read_metrics
+
+from conftest import REPO, read_tb, train_py
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, compose_cfg, read_tb, train_py
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, compose_cfg, read_tb, train_py
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, read_tb, train
 
 from gradwatch.build import build
 from gradwatch.runinfo import read_run
 from gradwatch.sinks import read_metrics
 from gradwatch.stats import activation_stats, gradient_stats
+
+from conftest import compose_cfg, read_tb, train
 
 
 def torch_stats(grad: torch.Tensor) -> dict[str, float]:

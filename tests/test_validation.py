@@ -1,6 +1,7 @@
 """Bad config values fail before any work, with one line naming the key, the value and what is allowed."""
 
 import pytest
+
 from conftest import train, train_py
 
 

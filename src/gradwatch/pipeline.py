@@ -24,6 +24,7 @@ from gradwatch.checkpointing import LastCheckpoint
 from gradwatch.errors import ConfigError, is_number
 from gradwatch.metrics import finite_or_none, steps_to_converge
 from gradwatch.module import GradwatchModule
+from gradwatch.progress import StepProgressBar
 from gradwatch.recorder import StepRecorder
 from gradwatch.runinfo import RunRecord
 
@@ -136,6 +137,8 @@ def run(cfg: DictConfig) -> float:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if multirun:
         trainer_cfg["enable_progress_bar"] = False
+    elif trainer_cfg.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     trainer = instantiate(trainer_cfg, logger=logger, callbacks=callbacks, log_every_n_steps=1,
                           enable_checkpointing=False)
     module = GradwatchModule(parts.model, parts.loss_fn, parts.optimizer)
