@@ -140,3 +140,20 @@ def test_stats_functions_match_torch_on_odd_tensors():
     rows, fired = activation_stats([torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]), torch.zeros(2, 1)])
     assert torch.allclose(rows, torch.tensor([[1 / 3, 4 / 6], [1.0, 1.0]], dtype=torch.float64), atol=1e-15)
     assert fired.tolist() == [False, True, True, False]
+
+
+def test_custom_scalars_layout_groups_each_layer(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    train(["model=mlp", "model.hidden=[3]", "trainer.max_steps=2"], run_dir)
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    categories = {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+    assert categories["layer 0"]["grad mean"] == [r"grad/0\.weight/mean", r"grad/0\.bias/mean"]
+    assert categories["layer 2"]["grad zero_fraction"] == [r"grad/2\.weight/zero_fraction",
+                                                           r"grad/2\.bias/zero_fraction"]
+    assert categories["layer 1"]["activations"] == ["act/1/dead_fraction", "act/1/zero_fraction",
+                                                    "act/1/dead_fraction_epoch"]

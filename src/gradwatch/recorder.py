@@ -44,7 +44,6 @@ class StepRecorder(pl.Callback):
         self.run_dir = Path(run_dir)
         self.logger = logger
         self.purge_from_step = purge_from_step
-        self.writer = None
         self.sink: ParquetSink | None = None
         self.flush_every_n_steps = flush_every_n_steps
         self.flush_every_s = flush_every_s
@@ -57,6 +56,11 @@ class StepRecorder(pl.Callback):
         self.losses: list[tuple[int, float]] = []
         self._latest: dict[tuple[str, ...], np.ndarray] = {}
         self.divergence: dict | None = None
+
+    @property
+    def writer(self):
+        """The TensorBoard logger's SummaryWriter, for histograms, layouts and hparams."""
+        return self.logger.experiment
 
     # -- what telemetry calls -------------------------------------------------------------
     def add(self, names: tuple[str, ...], values: np.ndarray) -> None:
@@ -75,7 +79,6 @@ class StepRecorder(pl.Callback):
 
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.writer = self.logger.experiment  # for histograms and hparams
         self.events = EventFile(self.run_dir / "tb", purge_from_step=self.purge_from_step)
         self.sink = ParquetSink(self.run_dir, purge_from_step=self.purge_from_step)
 

@@ -1,5 +1,7 @@
 """TensorBoard tag names: the one place they are spelled (DESIGN.md, "TensorBoard tags")."""
 
+import re
+
 LOSS = "train/loss"
 LR = "lr"
 GLOBAL_NORM = "grad/global_norm"
@@ -17,6 +19,29 @@ def grad(param: str, stat: str) -> str:
 
 def act(layer: str, stat: str) -> str:
     return f"act/{layer}/{stat}"
+
+
+def custom_scalars_layout(params: list[str], layers: list[str]) -> dict:
+    r"""TensorBoard's custom-scalars layout: one category per layer, one chart per statistic
+    holding that layer's parameters (`0.weight` and `0.bias` together), and its activations.
+
+    >>> custom_scalars_layout(["0.weight", "0.bias"], ["1"])["layer 0"]["grad mean"]
+    ['Multiline', ['grad/0\\.weight/mean', 'grad/0\\.bias/mean']]
+    """
+    by_layer: dict[str, list[str]] = {}
+    for param in params:
+        by_layer.setdefault(param.rsplit(".", 1)[0], []).append(param)
+    layout: dict = {}
+    for layer, names in by_layer.items():
+        layout[f"layer {layer}"] = {
+            f"grad {stat}": ["Multiline", [re.escape(grad(n, stat)) for n in names]] for stat in GRAD_STATS
+        }
+    for layer in layers:
+        layout.setdefault(f"layer {layer}", {})["activations"] = [
+            "Multiline", [re.escape(act(layer, stat)) for stat in (*ACT_STATS, ACT_EPOCH)]]
+    layout["training"] = {"loss": ["Multiline", [re.escape(LOSS)]],
+                          "global norm": ["Multiline", [re.escape(GLOBAL_NORM)]]}
+    return layout
 
 
 def is_dead_fraction(tag: str) -> bool:

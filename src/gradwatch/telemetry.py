@@ -83,6 +83,9 @@ class GradientTelemetry(pl.Callback):
         self._epoch_tags = tuple(tags.act(name, tags.ACT_EPOCH) for name, _ in self._layers)
         if self.every_n_steps == 1:
             self._add_hooks()  # every step logs: keep them for the whole fit
+        if trainer.global_step == 0:  # a resumed run has its layout already
+            params = [n for n, p in self._network(pl_module).named_parameters() if p.requires_grad]
+            self.recorder.writer.add_custom_scalars(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
 
     def _add_hooks(self) -> None:
         self._hooks = [m.register_forward_hook(self._keep_output) for _, m in self._layers]
