@@ -157,3 +157,24 @@ def test_custom_scalars_layout_groups_each_layer(run_dir):
                                                            r"grad/2\.bias/zero_fraction"]
     assert categories["layer 1"]["activations"] == ["act/1/dead_fraction", "act/1/zero_fraction",
                                                     "act/1/dead_fraction_epoch"]
+
+
+def test_histograms_every_n_steps(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(["model=linear", "trainer.max_steps=5", "telemetry.histograms_every_n_steps=2"], run_dir)
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["histograms"]) == ["grad/0.bias", "grad/0.weight"]
+    assert [e.step for e in acc.Histograms("grad/0.weight")] == [0, 2, 4]
+    assert acc.Histograms("grad/0.weight")[0].histogram_value.num == 2  # both weight elements
+
+
+def test_steps_to_converge_absolute_and_relative():
+    from gradwatch.metrics import steps_to_converge
+
+    steps, losses = [0, 1, 2, 3], [10.0, 2.0, 0.5, 0.05]
+    assert steps_to_converge(steps, losses, 0.5) == 2
+    assert steps_to_converge(steps, losses, 0.2, relative=True) == 1  # 0.2 x 10 = 2.0
+    assert steps_to_converge(steps, losses, 0.001) is None
+    assert steps_to_converge([], [], 1.0) is None
