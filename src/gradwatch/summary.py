@@ -191,6 +191,27 @@ def summarize(folder: Path, converge_below: float = 1e-3, relative: bool = False
     return Summary(runs, grouped, keys, curve_frame, fixed, unreadable)
 
 
+def _mean_std(grouped: pd.DataFrame, metric: str) -> pd.Series:
+    mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"]
+    text = ["-" if pd.isna(m) else f"{m:.4g}" if pd.isna(s) else f"{m:.4g} ± {s:.2g}"
+            for m, s in zip(mean, std, strict=True)]
+    return pd.Series(text, index=grouped.index)
+
+
+def readable_grouped(summary: Summary) -> pd.DataFrame:
+    """The grouped view for people: `mean ± std` per metric, rates for converged/diverged."""
+    grouped = summary.grouped
+    keys = [c for c in grouped.columns if c in summary.swept or c == "setting"]
+    table = grouped[keys + ["runs"]].copy()
+    for metric in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final", "dead_fraction_max"):
+        if f"{metric}_mean" in grouped:
+            table[metric] = _mean_std(grouped, metric)
+    for rate in ("converged", "diverged"):
+        if f"{rate}_mean" in grouped:
+            table[rate] = [f"{v:.0%}" for v in grouped[f"{rate}_mean"]]
+    return table
+
+
 def to_markdown(summary: Summary, folder: Path) -> str:
     lines = [f"# Sweep summary: {folder}", "",
              f"{len(summary.runs)} runs; swept: {', '.join(summary.swept) or 'nothing'}; "
@@ -198,7 +219,7 @@ def to_markdown(summary: Summary, folder: Path) -> str:
     if summary.unreadable:
         lines += [f"Unreadable: {', '.join(summary.unreadable)}", ""]
     lines += ["## Per setting (mean and std over seeds)", "",
-              summary.grouped.to_markdown(index=False, floatfmt=".6g") if len(summary.grouped) else "(none)", "",
+              readable_grouped(summary).to_markdown(index=False) if len(summary.grouped) else "(none)", "",
               "## Per run", "", summary.runs.drop(columns=["error"]).to_markdown(index=False, floatfmt=".6g"), ""]
     return "\n".join(lines)
 
