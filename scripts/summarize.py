@@ -7,20 +7,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradwatch.summary import write_summary
+from gradwatch.summary import thresholds_of, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a sweep folder, a run folder, or any folder of runs")
-    parser.add_argument("--converge-below", type=float, default=1e-3,
-                        help="loss threshold for steps_to_converge (default 1e-3)")
-    parser.add_argument("--relative", action="store_true",
-                        help="the threshold is a fraction of each run's step-0 loss")
+    parser.add_argument("--converge-below", type=float, default=None,
+                        help="loss threshold for steps_to_converge (default: the runs' own summary.converge_below)")
+    parser.add_argument("--relative", action="store_true", default=None,
+                        help="the threshold is a fraction of each run's step-0 loss (default: as the runs had it)")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"folder={args.folder} is not valid: allowed is an existing folder of runs")
-    summary = write_summary(args.folder, args.converge_below, args.relative)
+    below, relative = thresholds_of(args.folder)
+    below = below if args.converge_below is None else args.converge_below
+    relative = relative if args.relative is None else args.relative
+    summary = write_summary(args.folder, below, relative)
     print(summary.grouped.to_string(index=False) if len(summary.grouped) else "no runs found")
     print(f"\n{len(summary.runs)} runs; wrote {args.folder}/summary.csv, summary.md, report.png")
     if summary.unreadable:

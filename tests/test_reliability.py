@@ -23,7 +23,7 @@ RUN = ["model=mlp", "model.hidden=[128,128]", "dataset=sum_x1_x2", "dataset.size
        "trainer.enable_progress_bar=false"]
 
 
-def _start(run_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
+def _start(run_dir: Path, extra: list[str] | tuple = ()) -> subprocess.Popen:
     args = [sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen(args, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -86,11 +86,16 @@ def test_interrupt_then_resume_gives_the_uninterrupted_curve(tmp_path, reference
     assert max(abs(parquet_loss[s] - expected[s]) for s in range(STEPS)) <= 1e-6
 
 
-def test_kill_9_keeps_what_was_flushed_and_the_summary_reads_it(tmp_path, reference):
+@pytest.mark.parametrize(("cadence", "parts"), [
+    ((), 6),  # flush every 25 steps, checkpoint every 100: killed past the checkpoint at step 100
+    # Flushes only when a checkpoint is saved (every 60 steps): nothing before it may be lost.
+    (("log.flush_every_n_steps=100000", "log.flush_every_s=3600", "checkpoint.every_n_steps=60"), 2),
+])
+def test_kill_9_keeps_what_was_flushed_and_the_summary_reads_it(tmp_path, reference, cadence, parts):
     run_dir = tmp_path / "sweep" / "0_run"
     run_dir.parent.mkdir()
-    proc = _start(run_dir)
-    _wait_for_parts(run_dir, proc, parts=6)  # past the checkpoint at step 100
+    proc = _start(run_dir, cadence)
+    _wait_for_parts(run_dir, proc, parts=parts)
     proc.kill()
     proc.wait(timeout=60)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
@@ -109,7 +114,10 @@ def test_kill_9_keeps_what_was_flushed_and_the_summary_reads_it(tmp_path, refere
     assert set(_losses(run_dir)) >= set(flushed_loss.index)
 
     # Resuming from the periodic checkpoint replaces the steps logged after it, once each.
-    resumed = train_py([*RUN, f"hydra.run.dir={run_dir}", "ckpt_path=last"], cwd=run_dir.parent)
+    checkpoint_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert set(range(checkpoint_at)) <= set(flushed_loss.index)  # the checkpoint never runs ahead of the logs
+
+    resumed = train_py([*RUN, f"hydra.run.dir={run_dir}", *cadence, "ckpt_path=last"], cwd=run_dir.parent)
     assert resumed.returncode == 0, resumed.stderr
     losses, expected = _losses(run_dir), _losses(reference)
     assert sorted(losses) == list(range(STEPS))

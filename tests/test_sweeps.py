@@ -123,14 +123,19 @@ def test_corrupt_run_folder_is_listed_not_fatal(basic_sweep, tmp_path):
 
 
 def test_failed_run_is_recorded_and_sweep_exit_code_says_so(tmp_path):
-    result = train_py(["-m", "model.hidden=[4],[0]", "trainer.max_steps=5"], cwd=tmp_path)
+    # A bad value gradwatch checks, and one only Lightning knows is bad: both are recorded.
+    result = train_py(["-m", "model.hidden=[4],[0]", "trainer.precision=32-true,bogus", "trainer.max_steps=5"],
+                      cwd=tmp_path)
     assert result.returncode == 1
     sweep = _sweep_dir(tmp_path)
-    table = pd.read_csv(sweep / "summary.csv").set_index("model.hidden")
-    assert table.loc["[4]", "status"] == "completed"
-    assert table.loc["[0]", "status"] == "failed"
-    assert "model.hidden[0]=0 is not valid" in table.loc["[0]", "error"]
-    assert "1 run(s) failed" in result.stderr
+    table = pd.read_csv(sweep / "summary.csv").set_index(["model.hidden", "trainer.precision"])
+    assert len(table) == 4
+    assert table.loc[("[4]", "32-true"), "status"] == "completed"
+    assert "model.hidden[0]=0 is not valid" in table.loc[("[0]", "32-true"), "error"]
+    assert "Precision 'bogus' is invalid" in table.loc[("[4]", "bogus"), "error"]
+    assert (table.drop(index=("[4]", "32-true"))["status"] == "failed").all()
+    assert "3 run(s) failed" in result.stderr
+    assert len([line for line in result.stdout.splitlines() if re.match(r"\[\d/4\]", line)]) == 4
 
 
 def test_joblib_launcher_runs_in_parallel_processes(tmp_path):

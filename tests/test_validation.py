@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import train, train_py
+from conftest import REPO, train, train_py
 
 
 @pytest.mark.parametrize(
@@ -27,6 +27,13 @@ from conftest import train, train_py
         (["model.activation=swish"], "model.activation=swish is not valid: allowed is one of relu, leaky_relu"),
         (["telemetry.on_nonfinite=ignore"], "telemetry.on_nonfinite=ignore is not valid: allowed is one of warn, stop"),
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path=/nonexistent.ckpt is not valid: allowed is null, `last`"),
+        ([f"ckpt_path={REPO / 'README.md'}"], f"ckpt_path={REPO / 'README.md'} is not valid: allowed is a checkpoint"),
+        (["model.hidden=8"], "model.hidden=8 is not valid: allowed is a list of integers >= 1"),
+        (["loss=bce_with_logits"], "loss=BCEWithLogitsLoss is not valid: allowed is a loss for targets outside [0, 1]"),
+        (["trainer.precision=bogus"], "the config cannot be built: calling lightning.pytorch.trainer.trainer.Trainer: "
+                                      "ValueError: Precision 'bogus' is invalid"),
+        (["loss._target_=torch.nn.NoSuchLoss"], "the config cannot be built: calling torch.nn.NoSuchLoss"),
+        (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 is not valid: allowed is 1"),
     ],
 )
 def test_bad_value_stops_before_training_with_one_line(run_dir, capsys, overrides, expected):

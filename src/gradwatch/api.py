@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradwatch.cli import CONF_DIR
 from gradwatch.pipeline import run
@@ -28,7 +28,12 @@ def compose_config(overrides: list[str], run_dir: Path | str | None = None, conf
 
 def train(overrides: list[str], run_dir: Path | str, conf_dir: Path = CONF_DIR) -> float:
     """One run into `run_dir`, as `python train.py OVERRIDES hydra.run.dir=RUN_DIR` would do it."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
     cfg = compose_config(overrides, run_dir, conf_dir)
+    # What Hydra's job writes first: the resolved config and the overrides as typed.
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.save(task, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), run_dir / ".hydra" / "overrides.yaml")
     HydraConfig.instance().set_config(cfg)
     return run(cfg)

@@ -50,6 +50,11 @@ def _group(cfg: DictConfig, key: str, drop: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in node.items() if k not in drop}
 
 
+def cfg_choice(cfg: DictConfig) -> str:
+    """The dataset option's name, from its builder (`gradwatch.data.sum_x1_x2` -> sum_x1_x2)."""
+    return str(cfg.dataset.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
 def _check_lr(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if not is_number(lr) or not lr > 0:
@@ -76,8 +81,14 @@ def build(cfg: DictConfig) -> Parts:
 
     loss_fn = call_target(_group(cfg, "loss"))
     if isinstance(loss_fn, _BCE_LOSSES) and not bool(((y >= 0) & (y <= 1)).all()):
-        bad = sorted({v for v in y.reshape(-1).tolist() if not 0 <= v <= 1})
-        raise ConfigError("dataset.y", bad, f"targets in [0, 1] for {type(loss_fn).__name__}")
+        bad = sorted({round(v, 4) for v in y.reshape(-1).tolist() if not 0 <= v <= 1})
+        shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} values)" if len(bad) > 5 else "")
+        # Name the key that holds the targets where the dataset has one, else the loss.
+        key = next((f"dataset.{k}" for k in ("labels", "y") if k in cfg.dataset), None)
+        if key is None:
+            raise ConfigError("loss", type(loss_fn).__name__,
+                              f"a loss for targets outside [0, 1] (the {cfg_choice(cfg)} dataset has {shown})")
+        raise ConfigError(key, f"[{shown}]", f"targets in [0, 1] for {type(loss_fn).__name__}")
 
     pl.seed_everything(seed, workers=True, verbose=False)
     in_features = _feature_size(cfg, "in_features", x.shape[1], "input")

@@ -34,11 +34,10 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | Non
 
 def check_output_folder(argv: list[str]) -> str | None:
     """The error when the run or sweep folder cannot be created and written, else None."""
-    folders = {"hydra.run.dir": "outputs", "hydra.sweep.dir": "outputs"}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in folders:
-            folders[key] = value
+    typed = {key: value for key, _, value in (arg.partition("=") for arg in argv)
+             if key in ("hydra.run.dir", "hydra.sweep.dir")}
+    # Untyped, both folders live under outputs/ (conf/train.yaml).
+    folders = typed or {"the output folder (hydra.run.dir, hydra.sweep.dir), outputs": "outputs"}
     for key, folder in folders.items():
         if "${" in folder:
             continue  # interpolated: Hydra resolves it

@@ -76,9 +76,11 @@ def points(x: Sequence, y: Sequence, seed: int = 0) -> Tensors:
 
 
 class TensorBatches:
-    """Batches of in-memory tensors, reshuffled each epoch by a seeded generator.
+    """Batches of in-memory tensors, in an order drawn from (seed, epoch) when shuffled.
 
     With `batch_size=None` (full batch) every epoch is the one batch (x, y), as the seeds train.
+    It keeps its place (`state_dict`), so a run resumed from a checkpoint taken mid-epoch sees the
+    same batches, in the same order, as a run that was never stopped.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, shuffle: bool, seed: int):
@@ -88,19 +90,38 @@ class TensorBatches:
         self.x, self.y = x, y
         self.batch_size = n if batch_size is None else min(batch_size, n)
         self.shuffle = shuffle and self.batch_size < n
-        self._gen = _generator(seed)
+        self.seed = seed
+        # Every __iter__ is an epoch (Lightning stops at len() without exhausting the iterator).
+        self._next_epoch = 0
+        self._epoch = 0
+        self._consumed = 0  # batches of the current epoch handed out
+        self._skip = 0  # batches the next epoch skips (set by a resume)
 
     def __len__(self) -> int:
         return -(-len(self.x) // self.batch_size)
 
     def __iter__(self) -> Iterator[Tensors]:
+        self._epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        skip, self._skip = self._skip, 0
+        self._consumed = skip
         if self.batch_size == len(self.x):
-            yield self.x, self.y
+            if not skip:
+                self._consumed = 1
+                yield self.x, self.y
             return
-        order = torch.randperm(len(self.x), generator=self._gen) if self.shuffle else None
-        for start in range(0, len(self.x), self.batch_size):
-            if order is None:
-                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
-            else:
-                idx = order[start : start + self.batch_size]
-                yield self.x[idx], self.y[idx]
+        order = None
+        if self.shuffle:
+            order = torch.randperm(len(self.x), generator=_generator(self.seed * 1_000_003 + self._epoch))
+        for number, start in enumerate(range(0, len(self.x), self.batch_size)):
+            if number < skip:
+                continue
+            idx = slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+            self._consumed = number + 1
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restarts the interrupted epoch (even a finished one) with one more __iter__.
+        self._next_epoch, self._skip = int(state["epoch"]), int(state["consumed"])

@@ -90,14 +90,21 @@ class EventFile:
             restart = Event(wall_time=time.time(), step=purge_from_step,
                             session_log=SessionLog(status=SessionLog.START))
             self._pending.append(restart.SerializeToString())
-        self._names: Sequence[str] | None = None
-        self._template: SummaryTemplate | None = None
+        # Templates by tag list (a step with telemetry and one without have different lists).
+        self._templates: dict[tuple[str, ...], SummaryTemplate] = {}
+        self._last_names: Sequence[str] | None = None
+        self._last_template: SummaryTemplate | None = None
 
     def add_scalars(self, step: int, names: Sequence[str], values: np.ndarray) -> None:
         """One event holding every value of the step (stored as float32, as TensorBoard does)."""
-        if names is not self._names and names != self._names:
-            self._names, self._template = names, SummaryTemplate(names)
-        self._pending.append(scalar_event(step, self._template.encode(values), time.time()))
+        if names is self._last_names:  # the common case: the recorder passes the same tuple
+            template = self._last_template
+        else:
+            template = self._templates.get(tuple(names))
+            if template is None:
+                template = self._templates[tuple(names)] = SummaryTemplate(names)
+            self._last_names, self._last_template = names, template
+        self._pending.append(scalar_event(step, template.encode(values), time.time()))
 
     def flush(self) -> None:
         if self._file.closed:

@@ -44,6 +44,8 @@ def mlp(
     """
     check_int("model.in_features", in_features, minimum=1)
     check_int("model.out_features", out_features, minimum=1)
+    if hidden is not None and (isinstance(hidden, str) or not isinstance(hidden, Sequence)):
+        raise ConfigError("model.hidden", hidden, "a list of integers >= 1, e.g. [16, 16] (or [] for none)")
     sizes = [in_features]
     for i, width in enumerate(hidden or []):
         sizes.append(check_int(f"model.hidden[{i}]", width, minimum=1))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -49,7 +50,11 @@ def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
 def checkpoint_step(path: Path | None) -> int | None:
     if path is None:
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        reason = _first_line(err)[:120]
+        raise ConfigError("ckpt_path", str(path), f"a checkpoint written by gradwatch ({reason})") from None
 
 
 def _check_top_level(cfg: DictConfig) -> None:
@@ -66,6 +71,29 @@ def _telemetry(cfg: DictConfig, recorder: StepRecorder):
         return call_target(node, recorder=recorder)
     except ConfigError as err:
         raise ConfigError(f"telemetry.{err.key}", err.value, err.allowed) from None
+
+
+def _first_line(err: BaseException) -> str:
+    """`Type: first line` of an error; for Hydra's instantiate errors, of the error behind them."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        target = str(err).split("'")[1] if str(err).count("'") >= 2 else "a _target_"
+        return f"calling {target}: {_first_line(err.__cause__)}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _trainer(cfg: DictConfig, logger: TensorBoardLogger, callbacks: list, multirun: bool):
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        # Telemetry and the loss curve count optimizer steps; accumulation would log a step twice.
+        raise ConfigError("trainer.accumulate_grad_batches", accumulate, "1 (use a larger dataset.batch_size)")
+    if multirun:
+        trainer_cfg["enable_progress_bar"] = False
+    elif trainer_cfg.get("enable_progress_bar", True):
+        callbacks = [*callbacks, StepProgressBar()]
+    return instantiate(trainer_cfg, logger=logger, callbacks=callbacks, log_every_n_steps=1,
+                       enable_checkpointing=False)
 
 
 def outcome(recorder: StepRecorder, cfg: DictConfig) -> dict:
@@ -122,26 +150,21 @@ def run(cfg: DictConfig) -> float:
                                 purge_from_step=resume_step)
         telemetry = _telemetry(cfg, recorder)
         checkpoint = LastCheckpoint(run_dir / CKPT_DIR / LAST_CKPT, cfg.checkpoint.every_n_steps)
-    except ConfigError as err:
-        record.write(status="failed", error=str(err))
+        # Order matters: telemetry hands its numbers to the recorder, which writes the step
+        # before the checkpoint saves the recorder's state.
+        callbacks = [c for c in (telemetry, recorder) if c is not None] + [checkpoint]
+        trainer = _trainer(cfg, logger, callbacks, multirun)
+        module = GradwatchModule(parts.model, parts.loss_fn, parts.optimizer)
+    except Exception as err:  # noqa: BLE001 - refused before any work, with one line
+        # A ConfigError names its key; anything else (a _target_ that does not exist, a Trainer
+        # option Lightning refuses) is reported by its first line.
+        message = str(err) if isinstance(err, ConfigError) else f"the config cannot be built: {_first_line(err)}"
+        record.write(status="failed", error=message)
         if multirun:
             sweep.report_run(hydra_cfg, record.data)
             return math.nan
-        print(f"gradwatch: {err}", file=sys.stderr)
+        print(f"gradwatch: {message}", file=sys.stderr)
         sys.exit(2)
-
-    # Order matters: telemetry hands its numbers to the recorder, which writes the step before
-    # the checkpoint saves the recorder's state.
-    callbacks = [c for c in (telemetry, recorder) if c is not None]
-    callbacks.append(checkpoint)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if multirun:
-        trainer_cfg["enable_progress_bar"] = False
-    elif trainer_cfg.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
-    trainer = instantiate(trainer_cfg, logger=logger, callbacks=callbacks, log_every_n_steps=1,
-                          enable_checkpointing=False)
-    module = GradwatchModule(parts.model, parts.loss_fn, parts.optimizer)
 
     record.write(status="running")
     status, error, exit_code = "completed", None, 0
@@ -165,7 +188,7 @@ def run(cfg: DictConfig) -> float:
     logger.log_hyperparams(_hparams(cfg, overrides), metrics={
         f"hparams/{k}": (math.nan if v is None else float(v))
         for k, v in results.items() if k in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final")
-    })
+    }, step=results["steps"])  # at the end: a later resume purges it with the steps it replaces
     logger.finalize("success" if status == "completed" else status)
     record.write(status=status, error=error, wall_s=round(wall_s, 6), **results,
                  diverged_at=(recorder.divergence or {}).get("step"))

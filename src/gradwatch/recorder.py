@@ -72,10 +72,12 @@ class StepRecorder(pl.Callback):
         """The latest value of every tag recorded so far."""
         return {n: float(v) for names, values in self._latest.items() for n, v in zip(names, values, strict=True)}
 
-    def diverge(self, step: int, reason: str, trainer: "pl.Trainer") -> None:
+    def diverge(self, step: int, reason: str, trainer: "pl.Trainer", stop: bool = True) -> None:
+        """Mark the run diverged (the first time counts); `stop` ends training after this step."""
         if self.divergence is None:
             self.divergence = {"step": step, "reason": reason}
-        trainer.should_stop = True
+        if stop:
+            trainer.should_stop = True
 
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -103,11 +105,24 @@ class StepRecorder(pl.Callback):
             self.events.close()
 
     # -- checkpointed state: the loss curve so far, so a resumed run reports on all of it ----
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # A checkpoint never gets ahead of the logs: a resume from it purges the steps after it,
+        # so everything before it must already be on disk.
+        self.flush()
+
     def state_dict(self) -> dict:
-        return {"losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2)}
+        return {
+            "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2),
+            "latest_names": [list(names) for names in self._latest],
+            "latest_values": [torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in self._latest.values()],
+            "divergence": self.divergence,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.losses = [(int(s), float(v)) for s, v in state_dict["losses"].tolist()]
+        self._latest = {tuple(names): values.numpy() for names, values
+                        in zip(state_dict.get("latest_names", []), state_dict.get("latest_values", []), strict=True)}
+        self.divergence = state_dict.get("divergence")
 
     # -- writing ------------------------------------------------------------------------------
     def _write_step(self, trainer) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 from gradwatch.files import write_json_atomic
 
 RUN_FILE = "run.json"
-STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 
 
 class RunRecord:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gradwatch import tags
 from gradwatch.files import write_atomic
@@ -44,6 +46,23 @@ class Summary:
     @property
     def failed(self) -> list[str]:
         return self.runs.loc[self.runs["status"].isin(["failed", "interrupted"]), "run_dir"].tolist()
+
+
+DEFAULT_CONVERGE_BELOW = 1e-3
+
+
+def thresholds_of(folder: Path) -> tuple[float, bool]:
+    """The `summary.converge_below` and `summary.converge_relative` the runs in `folder` used:
+    from the sweep's multirun.yaml, else the first run's .hydra/config.yaml, else the defaults."""
+    folder = Path(folder)
+    candidates = [folder / "multirun.yaml", *sorted(folder.glob("**/.hydra/config.yaml"))[:1]]
+    for path in candidates:
+        try:
+            summary = OmegaConf.load(path).get("summary") or {}
+            return float(summary.get("converge_below", DEFAULT_CONVERGE_BELOW)), bool(summary.get("converge_relative"))
+        except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
+            continue
+    return DEFAULT_CONVERGE_BELOW, False
 
 
 def find_runs(folder: Path) -> list[Path]:

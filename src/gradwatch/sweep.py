@@ -1,6 +1,5 @@
 """Sweep plumbing for Hydra multirun: progress lines, thread caps, and the summary at the end."""
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -9,8 +8,6 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger(__name__)
 
 TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
 THREADS_ENV = "GRADWATCH_TORCH_THREADS"
@@ -21,12 +18,13 @@ def count_jobs(config: DictConfig) -> int | None:
     sweeper = config.hydra.sweeper
     if "n_trials" in sweeper:
         return int(sweeper.n_trials)
-    overrides = list(config.hydra.overrides.task)
+    # The sweeper's params first, then the command line, which wins for a key in both.
     params = sweeper.get("params") or {}
-    overrides += [f"{k}={v}" for k, v in params.items()]
+    overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     total = 1
     try:
-        for override in OverridesParser.create().parse_overrides(overrides):
+        by_key = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(overrides)}
+        for override in by_key.values():
             if override.is_sweep_override():
                 total *= len(list(override.sweep_string_iterator()))
     except Exception:  # noqa: BLE001 - a count we cannot make is shown as "?"

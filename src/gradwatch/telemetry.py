@@ -83,7 +83,7 @@ class GradientTelemetry(pl.Callback):
         self._epoch_tags = tuple(tags.act(name, tags.ACT_EPOCH) for name, _ in self._layers)
         if self.every_n_steps == 1:
             self._add_hooks()  # every step logs: keep them for the whole fit
-        if trainer.global_step == 0:  # a resumed run has its layout already
+        if self.recorder.purge_from_step is None:  # a resumed run has its layout already
             params = [n for n, p in self._network(pl_module).named_parameters() if p.requires_grad]
             self.recorder.writer.add_custom_scalars(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
 
@@ -159,9 +159,14 @@ class GradientTelemetry(pl.Callback):
         if not counts.any():
             return
         bad = [name for (name, _), count in zip(named, counts, strict=True) if count > 0]
+        reason = f"non-finite gradient at step {step} in {', '.join(bad)}"
         if self.on_nonfinite == "stop":
-            self.recorder.diverge(step, f"non-finite gradient at step {step} in {', '.join(bad)}", trainer)
+            # Drop the gradients so this step's update leaves the weights (and last.ckpt) finite.
+            for param in self._network(trainer.lightning_module).parameters():
+                param.grad = None
+            self.recorder.diverge(step, reason, trainer)
             return
+        self.recorder.diverge(step, reason, trainer, stop=False)
         new = [name for name in bad if name not in self._warned]
         if new:
             self._warned.update(new)
