@@ -7,6 +7,18 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def split_override(item: str) -> tuple[str, str] | None:
+    """`+model.init={...}` -> ("model.init", "{...}"); None for flags and Hydra's own keys.
+
+    >>> split_override("~optimizer.lr=0.1"), split_override("hydra.run.dir=x"), split_override("-m")
+    (('optimizer.lr', '0.1'), None, None)
+    """
+    key, sep, value = str(item).lstrip("+~").partition("=")
+    if not sep or key.startswith("hydra") or key.startswith("-"):
+        return None
+    return key, value
+
+
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 
@@ -18,10 +30,11 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | Non
     'model=mlpp is not valid: allowed is one of linear, mlp'
     """
     for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
+        pair = split_override(arg)
+        if pair is None:
             continue
-        key, _, value = arg.lstrip("+~").partition("=")
-        if "." in key or key.startswith("hydra") or not (conf_dir / key).is_dir():
+        key, value = pair
+        if "." in key or not (conf_dir / key).is_dir():
             continue
         if "(" in value or value in ("null", ""):
             continue  # sweep functions such as choice(...) are left to Hydra

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradwatch import sweep, tags
 from gradwatch.build import build, call_target
 from gradwatch.checkpointing import LastCheckpoint
+from gradwatch.cli import split_override
 from gradwatch.errors import ConfigError, is_number
 from gradwatch.metrics import finite_or_none, steps_to_converge
 from gradwatch.module import GradwatchModule
@@ -118,11 +119,9 @@ def _hparams(cfg: DictConfig, overrides: list[str]) -> dict:
     choices = HydraConfig.get().runtime.choices
     params = {group: choices.get(group) for group in ("model", "dataset", "loss", "optimizer")}
     params.update({"optimizer.lr": cfg.optimizer.get("lr"), "seed": cfg.seed})
-    for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
-        if not key.startswith("hydra"):
-            selected = OmegaConf.select(cfg, key, default=value)
-            params[key] = selected if isinstance(selected, int | float | str | bool) else str(selected)
+    for key, value in filter(None, map(split_override, overrides)):
+        selected = OmegaConf.select(cfg, key, default=value)
+        params[key] = selected if isinstance(selected, int | float | str | bool) else str(selected)
     return params
 
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gradwatch import tags
+from gradwatch.cli import split_override
 from gradwatch.files import write_atomic
 from gradwatch.metrics import steps_to_converge
 from gradwatch.runinfo import RUN_FILE
@@ -92,12 +93,7 @@ def _overrides(record: dict, run_dir: Path) -> dict:
         path = run_dir / ".hydra" / "overrides.yaml"
         lines = path.read_text().splitlines() if path.exists() else []
         items = [line.strip()[2:] for line in lines if line.startswith("- ")]
-    pairs = {}
-    for item in items:
-        key, sep, value = str(item).lstrip("+~").partition("=")
-        if sep and not key.startswith("hydra"):
-            pairs[key] = _parse_value(value)
-    return pairs
+    return {key: _parse_value(value) for key, value in filter(None, map(split_override, items))}
 
 
 def _summary_tag(tag: str) -> bool:
