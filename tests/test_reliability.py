@@ -23,9 +23,19 @@ RUN = ["model=mlp", "model.hidden=[128,128]", "dataset=sum_x1_x2", "dataset.size
        "trainer.enable_progress_bar=false"]
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands (CI's, perhaps) with SIGINT
+    # ignored, and Python keeps it ignored; the run under test must get Ctrl-C as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
 def _start(run_dir: Path, extra: list[str] | tuple = ()) -> subprocess.Popen:
-    args = [sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(args, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _popen([sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra], run_dir.parent)
 
 
 def _wait_for_parts(run_dir: Path, proc: subprocess.Popen, parts: int, timeout: float = 120) -> None:
@@ -128,7 +138,7 @@ def test_kill_9_keeps_what_was_flushed_and_the_summary_reads_it(tmp_path, refere
 
 def test_sigint_stops_a_sweep_after_the_current_run_is_recorded(tmp_path):
     args = [sys.executable, str(REPO / "train.py"), "-m", *RUN, "seed=1,2,3"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _popen(args, tmp_path)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("outputs/multirun/*/*/0_*/metrics/part-000002.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
