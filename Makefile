@@ -21,8 +21,11 @@ train: install
 sweep: install
 	$(BIN)/python train.py experiment=study_lr_convergence $(ARGS)
 
+# The newest sweep, or DIR=<folder>.
 summary: install
-	$(BIN)/python scripts/summarize.py $(or $(DIR),$$(ls -d outputs/multirun/*/* | tail -n 1))
+	@dir="$(or $(DIR),$$(ls -d outputs/multirun/*/* 2>/dev/null | tail -n 1))"; \
+	if [ -z "$$dir" ]; then echo "make summary: no sweep under outputs/multirun yet (make sweep first, or DIR=<folder>)"; exit 2; fi; \
+	$(BIN)/python scripts/summarize.py "$$dir"
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradwatch.summary import thresholds_of, write_summary
+from gradwatch.summary import readable_grouped, thresholds_of, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     below = below if args.converge_below is None else args.converge_below
     relative = relative if args.relative is None else args.relative
     summary = write_summary(args.folder, below, relative)
-    print(summary.grouped.to_string(index=False) if len(summary.grouped) else "no runs found")
+    print(readable_grouped(summary).to_string(index=False) if len(summary.grouped) else "no runs found")
     print(f"\n{len(summary.runs)} runs; wrote {args.folder}/summary.csv, summary.md, report.png")
     if summary.unreadable:
         print(f"unreadable: {', '.join(summary.unreadable)}")
