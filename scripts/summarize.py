@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradwatch.summary import readable_grouped, thresholds_of, write_summary
+from gradwatch.summary import readable_grouped, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,15 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="a sweep folder, a run folder, or any folder of runs")
     parser.add_argument("--converge-below", type=float, default=None,
                         help="loss threshold for steps_to_converge (default: the runs' own summary.converge_below)")
-    parser.add_argument("--relative", action="store_true", default=None,
+    parser.add_argument("--relative", action=argparse.BooleanOptionalAction, default=None,
                         help="the threshold is a fraction of each run's step-0 loss (default: as the runs had it)")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"folder={args.folder} is not valid: allowed is an existing folder of runs")
-    below, relative = thresholds_of(args.folder)
-    below = below if args.converge_below is None else args.converge_below
-    relative = relative if args.relative is None else args.relative
-    summary = write_summary(args.folder, below, relative)
+    summary = write_summary(args.folder, args.converge_below, args.relative)
     print(readable_grouped(summary).to_string(index=False) if len(summary.grouped) else "no runs found")
     print(f"\n{len(summary.runs)} runs; wrote {args.folder}/summary.csv, summary.md, report.png")
     if summary.unreadable:

@@ -149,3 +149,19 @@ def test_sigint_stops_a_sweep_after_the_current_run_is_recorded(tmp_path):
     runs = sorted(tmp_path.glob("outputs/multirun/*/*/*_*"))
     assert [p.name[0] for p in runs] == ["0"]  # the sweep went no further
     assert json.loads((runs[0] / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_sigterm_before_the_training_loop_is_recorded(tmp_path):
+    """From the moment run.json says `running`, SIGTERM ends the run as interrupted (exit 143),
+    also while Lightning is still setting up and has no handler of its own."""
+    run_dir = tmp_path / "run"
+    run_dir.parent.mkdir(exist_ok=True)
+    proc = _start(run_dir)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "run.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"

@@ -6,20 +6,21 @@ import sys
 
 import pandas as pd
 
-from gradwatch.summary import summarize, thresholds_of
+from gradwatch.summary import configured_thresholds, summarize
 
 from conftest import REPO, train
 
 
-def test_summarize_uses_the_runs_own_convergence_threshold(tmp_path):
-    for name, lr in (("0_a", 0.1), ("1_b", 0.05)):
-        train(["summary.converge_below=0.99", f"optimizer.lr={lr}", "trainer.max_steps=20"], tmp_path / name)
-    assert thresholds_of(tmp_path) == (0.99, False)
+def test_summarize_uses_each_runs_own_convergence_threshold(tmp_path):
+    for name, below in (("0_a", 0.99), ("1_b", 1e-9)):
+        train([f"summary.converge_below={below}", "trainer.max_steps=20"], tmp_path / name)
+    assert configured_thresholds(tmp_path / "0_a" / ".hydra" / "config.yaml") == (0.99, False)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    table = pd.read_csv(tmp_path / "summary.csv")
-    assert table["converged"].all() and table["steps_to_converge"].notna().all()
+    table = pd.read_csv(tmp_path / "summary.csv").set_index("summary.converge_below")
+    assert table.loc[0.99, "converged"] and 0 <= table.loc[0.99, "steps_to_converge"] < 20
+    assert not table.loc[1e-9, "converged"] and pd.isna(table.loc[1e-9, "steps_to_converge"])
     # An explicit threshold still wins.
     assert summarize(tmp_path, converge_below=1e-9).runs["steps_to_converge"].isna().all()
 

@@ -47,10 +47,14 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | Non
 
 def check_output_folder(argv: list[str]) -> str | None:
     """The error when the run or sweep folder cannot be created and written, else None."""
-    typed = {key: value for key, _, value in (arg.partition("=") for arg in argv)
-             if key in ("hydra.run.dir", "hydra.sweep.dir")}
-    # Untyped, both folders live under outputs/ (conf/train.yaml).
-    folders = typed or {"the output folder (hydra.run.dir, hydra.sweep.dir), outputs": "outputs"}
+    # The folder this command writes to: the sweep folder with -m, else the run folder; both
+    # default to outputs/ (conf/train.yaml).
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
+    folders = {key: "outputs"}
+    for arg in argv:
+        typed, _, value = arg.lstrip("+").partition("=")
+        if typed == key:
+            folders[key] = value
     for key, folder in folders.items():
         if "${" in folder:
             continue  # interpolated: Hydra resolves it

@@ -4,6 +4,7 @@ The sets are small, so batches are slices of tensors already in memory: no DataL
 and no per-sample collation (scripts/bench_step.py measures what that saves).
 """
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from gradwatch.errors import ConfigError, check_int
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -111,7 +113,8 @@ class TensorBatches:
             return
         order = None
         if self.shuffle:
-            order = torch.randperm(len(self.x), generator=_generator(self.seed * 1_000_003 + self._epoch))
+            epoch_seed = (self.seed * 1_000_003 + self._epoch) % 2**63  # any seed, any epoch
+            order = torch.randperm(len(self.x), generator=_generator(epoch_seed))
         for number, start in enumerate(range(0, len(self.x), self.batch_size)):
             if number < skip:
                 continue
@@ -120,8 +123,17 @@ class TensorBatches:
             yield self.x[idx], self.y[idx]
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "consumed": self._consumed}
+        return {"epoch": self._epoch, "samples": min(self._consumed * self.batch_size, len(self.x)),
+                "size": len(self.x)}
 
     def load_state_dict(self, state: dict) -> None:
-        # Lightning restarts the interrupted epoch (even a finished one) with one more __iter__.
-        self._next_epoch, self._skip = int(state["epoch"]), int(state["consumed"])
+        # Lightning restarts the interrupted epoch (even a finished one) with one more __iter__,
+        # which skips the samples already seen, in batches of the current size.
+        self._next_epoch = int(state["epoch"])
+        if int(state.get("size", len(self.x))) != len(self.x):
+            log.warning("the checkpoint's dataset had %s samples, this one has %d: its epoch starts over",
+                        state.get("size"), len(self.x))
+            self._skip = 0
+            return
+        samples = int(state["samples"]) if "samples" in state else int(state.get("consumed", 0)) * self.batch_size
+        self._skip = -(-samples // self.batch_size) if samples >= len(self.x) else samples // self.batch_size

@@ -6,8 +6,11 @@
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -37,6 +40,37 @@ CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 # Exit codes of an interrupted run, as shells report signals.
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class SigtermGuard:
+    """SIGTERM for the whole run, not only Lightning's loop (whose handler exists from the end of
+    setup to the end of fit): it raises SystemExit, recorded as `interrupted` with exit code 143.
+    `defer()` turns it into a flag once training is over, so the results still get written."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        self._installed = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "SigtermGuard":
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def _raise(self, signum, frame) -> None:
+        self.received = True
+        raise SystemExit(EXIT_SIGTERM)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def defer(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._note)
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
 def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
@@ -80,7 +114,10 @@ def _first_line(err: BaseException) -> str:
         target = str(err).split("'")[1] if str(err).count("'") >= 2 else "a _target_"
         return f"calling {target}: {_first_line(err.__cause__)}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Error loading 'x':" says why on its last line
+        text = f"{text} {lines[-1]}"
+    return f"{type(err).__name__}: {text}"
 
 
 def _trainer(cfg: DictConfig, logger: TensorBoardLogger, callbacks: list, multirun: bool):
@@ -158,6 +195,8 @@ def run(cfg: DictConfig) -> float:
         # A ConfigError names its key; anything else (a _target_ that does not exist, a Trainer
         # option Lightning refuses) is reported by its first line.
         message = str(err) if isinstance(err, ConfigError) else f"the config cannot be built: {_first_line(err)}"
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
         record.write(status="failed", error=message)
         if multirun:
             sweep.report_run(hydra_cfg, record.data)
@@ -165,26 +204,34 @@ def run(cfg: DictConfig) -> float:
         print(f"gradwatch: {message}", file=sys.stderr)
         sys.exit(2)
 
-    record.write(status="running")
+    with SigtermGuard() as sigterm:
+        return _train(cfg, hydra_cfg, record, parts, trainer, module, logger, recorder, ckpt_path, sigterm)
+
+
+def _train(cfg, hydra_cfg, record, parts, trainer, module, logger, recorder, ckpt_path, sigterm) -> float:
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = record.path.parent
     status, error, exit_code = "completed", None, 0
     started = time.perf_counter()
     try:
+        record.write(status="running")
         trainer.fit(module, train_dataloaders=parts.batches, ckpt_path=ckpt_path, weights_only=True)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException.
         status = "interrupted"
-        exit_code = EXIT_SIGTERM if trainer.received_sigterm else EXIT_SIGINT
+        exit_code = EXIT_SIGTERM if trainer.received_sigterm or sigterm.received else EXIT_SIGINT
         error = f"interrupted at step {trainer.global_step} ({type(exc).__name__})"
     except Exception as exc:  # noqa: BLE001 - a failing run is recorded, never takes its sweep down
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("run failed")
+    sigterm.defer()  # from here on a SIGTERM waits until the results are written
     wall_s = time.perf_counter() - started
     recorder.flush()
 
     results = outcome(recorder, cfg)
     if recorder.divergence is not None and status == "completed":
         status, error = "diverged", recorder.divergence["reason"]
-    logger.log_hyperparams(_hparams(cfg, overrides), metrics={
+    logger.log_hyperparams(_hparams(cfg, record.data["overrides"]), metrics={
         f"hparams/{k}": (math.nan if v is None else float(v))
         for k, v in results.items() if k in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final")
     }, step=results["steps"])  # at the end: a later resume purges it with the steps it replaces
@@ -196,8 +243,8 @@ def run(cfg: DictConfig) -> float:
     elif status in ("completed", "diverged"):
         print(f"gradwatch: {status} after {results['steps']} steps, final loss {results['final_loss']}, "
               f"run folder {run_dir}")
-    if status == "interrupted":
-        sys.exit(exit_code)
+    if status == "interrupted" or sigterm.received:
+        sys.exit(exit_code or EXIT_SIGTERM)
     if status == "failed" and not multirun:
         sys.exit(1)
     if status == "failed":

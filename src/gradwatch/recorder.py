@@ -120,8 +120,11 @@ class StepRecorder(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.losses = [(int(s), float(v)) for s, v in state_dict["losses"].tolist()]
+        # Only the loss and learning rate carry over: telemetry values describe steps this run
+        # may not log again (telemetry off, or a new run folder).
         self._latest = {tuple(names): values.numpy() for names, values
-                        in zip(state_dict.get("latest_names", []), state_dict.get("latest_values", []), strict=True)}
+                        in zip(state_dict.get("latest_names", []), state_dict.get("latest_values", []), strict=True)
+                        if tuple(names) == _HEAD}
         self.divergence = state_dict.get("divergence")
 
     # -- writing ------------------------------------------------------------------------------

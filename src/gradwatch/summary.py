@@ -52,18 +52,19 @@ class Summary:
 DEFAULT_CONVERGE_BELOW = 1e-3
 
 
-def thresholds_of(folder: Path) -> tuple[float, bool]:
-    """The `summary.converge_below` and `summary.converge_relative` the runs in `folder` used:
-    from the sweep's multirun.yaml, else the first run's .hydra/config.yaml, else the defaults."""
-    folder = Path(folder)
-    candidates = [folder / "multirun.yaml", *sorted(folder.glob("**/.hydra/config.yaml"))[:1]]
-    for path in candidates:
-        try:
-            summary = OmegaConf.load(path).get("summary") or {}
-            return float(summary.get("converge_below", DEFAULT_CONVERGE_BELOW)), bool(summary.get("converge_relative"))
-        except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
-            continue
-    return DEFAULT_CONVERGE_BELOW, False
+def configured_thresholds(path: Path) -> tuple[float | None, bool | None]:
+    """`summary.converge_below` and `summary.converge_relative` from a config file (a run's
+    .hydra/config.yaml, a sweep's multirun.yaml); None for what it does not say."""
+    try:
+        summary = OmegaConf.load(path).get("summary") or {}
+        below, relative = summary.get("converge_below"), summary.get("converge_relative")
+        return (None if below is None else float(below)), (None if relative is None else bool(relative))
+    except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
+        return None, None
+
+
+def _first_set(*values):
+    return next(v for v in values if v is not None)
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -122,8 +123,16 @@ def _natural(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def summarize_run(run_dir: Path, root: Path, converge_below: float, relative: bool):
-    """One row of the summary and the run's loss curve; problems go into the row's `error`."""
+def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None, relative: bool | None = None,
+                  fallback: tuple[float | None, bool | None] = (None, None)):
+    """One row of the summary and the run's loss curve; problems go into the row's `error`.
+
+    The convergence threshold is `converge_below`/`relative` where given, else the run's own
+    config, else `fallback` (the sweep's), else the defaults.
+    """
+    own_below, own_relative = configured_thresholds(run_dir / ".hydra" / "config.yaml")
+    converge_below = _first_set(converge_below, own_below, fallback[0], DEFAULT_CONVERGE_BELOW)
+    relative = _first_set(relative, own_relative, fallback[1], False)
     row: dict = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".", "status": "unknown"}
     problems = []
     record: dict = {}
@@ -181,11 +190,13 @@ def grouped_view(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     return grouped.reset_index()
 
 
-def summarize(folder: Path, converge_below: float = 1e-3, relative: bool = False) -> Summary:
+def summarize(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
+    """The summary of every run under `folder`; thresholds as in `summarize_run`."""
     folder = Path(folder)
+    fallback = configured_thresholds(folder / "multirun.yaml")
     rows, curves, unreadable = [], [], []
     for run_dir in find_runs(folder):
-        row, curve = summarize_run(run_dir, folder, converge_below, relative)
+        row, curve = summarize_run(run_dir, folder, converge_below, relative, fallback)
         rows.append(row)
         curves.append(curve)
         if row["status"] == "unreadable" or "unreadable" in str(row.get("error") or ""):
@@ -239,7 +250,7 @@ def to_markdown(summary: Summary, folder: Path) -> str:
     return "\n".join(lines)
 
 
-def write_summary(folder: Path, converge_below: float = 1e-3, relative: bool = False) -> Summary:
+def write_summary(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
     """Write summary.csv, summary.md and report.png into `folder`; each file atomically."""
     from gradwatch.report import render_report
 

@@ -66,7 +66,8 @@ class SweepCallback(Callback):
         from gradwatch.summary import write_summary
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        result = write_summary(sweep_dir, config.summary.converge_below, config.summary.converge_relative)
+        # Each run's own convergence threshold (a sweep may sweep it).
+        result = write_summary(sweep_dir)
         print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/summary.md "
               f"(summary.csv, report.png)", flush=True)
         failed = result.failed

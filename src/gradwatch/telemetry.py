@@ -83,9 +83,9 @@ class GradientTelemetry(pl.Callback):
         self._epoch_tags = tuple(tags.act(name, tags.ACT_EPOCH) for name, _ in self._layers)
         if self.every_n_steps == 1:
             self._add_hooks()  # every step logs: keep them for the whole fit
-        if self.recorder.purge_from_step is None:  # a resumed run has its layout already
-            params = [n for n, p in self._network(pl_module).named_parameters() if p.requires_grad]
-            self.recorder.writer.add_custom_scalars(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
+        # Written on every fit, resumes included: TensorBoard keeps the latest layout.
+        params = [n for n, p in self._network(pl_module).named_parameters() if p.requires_grad]
+        self.recorder.writer.add_custom_scalars(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
 
     def _add_hooks(self) -> None:
         self._hooks = [m.register_forward_hook(self._keep_output) for _, m in self._layers]
@@ -124,8 +124,17 @@ class GradientTelemetry(pl.Callback):
             for name, grad in named:
                 self.recorder.writer.add_histogram(f"grad/{name}", grad.detach(), step)
 
+    def state_dict(self) -> dict:
+        # The units that fired so far this epoch, so a mid-epoch resume counts the whole epoch.
+        return {"fired_epoch": self._fired_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._fired_epoch = state_dict.get("fired_epoch")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
+        if self._fired_epoch is None or self._act_stats is None:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
             dead = self._act_stats.epoch_dead_fraction(self._fired_epoch).numpy()
             self.recorder.add(self._epoch_tags, dead)
             self._fired_epoch = None
@@ -151,7 +160,10 @@ class GradientTelemetry(pl.Callback):
         if self._act_stats is None:
             self._act_stats = ActivationStats([tuple(o.shape) for o in self._outputs])
         rows, fired = self._act_stats(self._outputs)
-        self._fired_epoch = fired if self._fired_epoch is None else self._fired_epoch | fired
+        if self._fired_epoch is None or self._fired_epoch.shape != fired.shape:
+            self._fired_epoch = fired  # a new epoch, or a checkpoint from another model
+        else:
+            self._fired_epoch = self._fired_epoch | fired
         return rows.reshape(-1).numpy()
 
     def _check_finite(self, trainer, step: int, named, values: np.ndarray) -> None:
