@@ -40,6 +40,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from gradwatch import tags
+from gradwatch.recorder import TB_DIR
 from gradwatch.runinfo import RunRecord
 from gradwatch.sinks import ParquetSink, read_metrics
 from gradwatch.summary import summarize
@@ -47,7 +48,6 @@ from gradwatch.summary import summarize
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 FLUSH_EVERY_N_STEPS = 100
 TARGET_RATIO = 50.0
-TB_DIR = "tb"
 
 
 @dataclass

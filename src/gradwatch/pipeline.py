@@ -30,12 +30,11 @@ from gradwatch.errors import ConfigError, is_number
 from gradwatch.metrics import finite_or_none, steps_to_converge
 from gradwatch.module import GradwatchModule
 from gradwatch.progress import StepProgressBar
-from gradwatch.recorder import StepRecorder
+from gradwatch.recorder import TB_DIR, StepRecorder
 from gradwatch.runinfo import RunRecord
 
 log = logging.getLogger(__name__)
 
-TB_DIR = "tb"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 # Exit codes of an interrupted run, as shells report signals.
@@ -205,12 +204,38 @@ def run(cfg: DictConfig) -> float:
         sys.exit(2)
 
     with SigtermGuard() as sigterm:
-        return _train(cfg, hydra_cfg, record, parts, trainer, module, logger, recorder, ckpt_path, sigterm)
+        status, error, exit_code, wall_s = _fit(trainer, module, parts, ckpt_path, record, sigterm)
+        sigterm.defer()  # from here on a SIGTERM waits until the results are written
+        recorder.close()  # however fit ended (Lightning skips teardown hooks after an exception)
+
+        results = outcome(recorder, cfg)
+        if recorder.divergence is not None and status == "completed":
+            status, error = "diverged", recorder.divergence["reason"]
+        logger.log_hyperparams(_hparams(cfg, record.data["overrides"]), metrics={
+            f"hparams/{k}": (math.nan if v is None else float(v))
+            for k, v in results.items() if k in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final")
+        }, step=results["steps"])  # at the end: a later resume purges it with the steps it replaces
+        logger.finalize("success" if status == "completed" else status)
+        record.write(status=status, error=error, wall_s=round(wall_s, 6), **results,
+                     diverged_at=(recorder.divergence or {}).get("step"))
+        if multirun:
+            sweep.report_run(hydra_cfg, record.data)
+        elif status in ("completed", "diverged"):
+            print(f"gradwatch: {status} after {results['steps']} steps, final loss {results['final_loss']}, "
+                  f"run folder {run_dir}")
+        if status == "interrupted" or sigterm.received:
+            sys.exit(exit_code or EXIT_SIGTERM)
+        if status == "failed" and not multirun:
+            sys.exit(1)
+        if status == "failed":
+            return math.nan
+        # Sweepers minimise this: a diverged run is infinitely bad, not missing.
+        final_loss = finite_or_none(results["final_loss"])
+        return math.inf if final_loss is None else final_loss
 
 
-def _train(cfg, hydra_cfg, record, parts, trainer, module, logger, recorder, ckpt_path, sigterm) -> float:
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    run_dir = record.path.parent
+def _fit(trainer, module, parts, ckpt_path, record: RunRecord, sigterm: SigtermGuard):
+    """Train, and say how it ended: (status, error, exit code, seconds in fit)."""
     status, error, exit_code = "completed", None, 0
     started = time.perf_counter()
     try:
@@ -224,31 +249,4 @@ def _train(cfg, hydra_cfg, record, parts, trainer, module, logger, recorder, ckp
     except Exception as exc:  # noqa: BLE001 - a failing run is recorded, never takes its sweep down
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.exception("run failed")
-    sigterm.defer()  # from here on a SIGTERM waits until the results are written
-    wall_s = time.perf_counter() - started
-    recorder.flush()
-
-    results = outcome(recorder, cfg)
-    if recorder.divergence is not None and status == "completed":
-        status, error = "diverged", recorder.divergence["reason"]
-    logger.log_hyperparams(_hparams(cfg, record.data["overrides"]), metrics={
-        f"hparams/{k}": (math.nan if v is None else float(v))
-        for k, v in results.items() if k in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final")
-    }, step=results["steps"])  # at the end: a later resume purges it with the steps it replaces
-    logger.finalize("success" if status == "completed" else status)
-    record.write(status=status, error=error, wall_s=round(wall_s, 6), **results,
-                 diverged_at=(recorder.divergence or {}).get("step"))
-    if multirun:
-        sweep.report_run(hydra_cfg, record.data)
-    elif status in ("completed", "diverged"):
-        print(f"gradwatch: {status} after {results['steps']} steps, final loss {results['final_loss']}, "
-              f"run folder {run_dir}")
-    if status == "interrupted" or sigterm.received:
-        sys.exit(exit_code or EXIT_SIGTERM)
-    if status == "failed" and not multirun:
-        sys.exit(1)
-    if status == "failed":
-        return math.nan
-    # Sweepers minimise this: a diverged run is infinitely bad, not missing.
-    final_loss = finite_or_none(results["final_loss"])
-    return math.inf if final_loss is None else final_loss
+    return status, error, exit_code, time.perf_counter() - started

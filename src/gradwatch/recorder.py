@@ -18,6 +18,7 @@ from gradwatch.errors import check_int
 from gradwatch.events import EventFile
 from gradwatch.sinks import ParquetSink
 
+TB_DIR = "tb"  # <run dir>/tb: TensorBoard's folder (DESIGN.md, run folder)
 _HEAD = (tags.LOSS, tags.LR)
 
 
@@ -26,7 +27,7 @@ class StepRecorder(pl.Callback):
 
     Example::
 
-        logger = TensorBoardLogger(run_dir, name="tb", version="")
+        logger = TensorBoardLogger(run_dir, name=TB_DIR, version="")
         Trainer(callbacks=[StepRecorder(run_dir, logger)], logger=logger)
 
     Nothing is created on disk before training starts.
@@ -45,6 +46,7 @@ class StepRecorder(pl.Callback):
         self.logger = logger
         self.purge_from_step = purge_from_step
         self.sink: ParquetSink | None = None
+        self.events: EventFile | None = None
         self.flush_every_n_steps = flush_every_n_steps
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
@@ -81,7 +83,7 @@ class StepRecorder(pl.Callback):
 
     # -- Lightning hooks --------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.events = EventFile(self.run_dir / "tb", purge_from_step=self.purge_from_step)
+        self.events = EventFile(self.run_dir / TB_DIR, purge_from_step=self.purge_from_step)
         self.sink = ParquetSink(self.run_dir, purge_from_step=self.purge_from_step)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -96,11 +98,9 @@ class StepRecorder(pl.Callback):
             self._write_step(trainer)
         self.flush()
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.flush()
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self.sink is not None:
+    def close(self) -> None:
+        """Flush both sinks and close the event file; the caller does it once fit has returned."""
+        if self.events is not None:
             self.flush()
             self.events.close()
 
