@@ -8,8 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gradwatch.cli import precheck
-from gradwatch.pipeline import run
+from gradwatch.config.cli import precheck
+from gradwatch.training.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

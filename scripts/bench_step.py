@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from gradwatch.api import compose_config, train
-from gradwatch.build import build
-from gradwatch.runinfo import read_run
+from gradwatch.config.build import build
+from gradwatch.storage.record import read_run
 
 MODELS = {
     "seed_tiny_relu (1-1-1)": ["experiment=seed_tiny_relu"],

@@ -5,7 +5,7 @@ Builds a synthetic sweep folder the way real runs write it (default 50 runs x 30
 per step holding all scalars, as `StepRecorder` writes them) and `metrics/` parquet parts (flushed
 every 100 steps). Then, in the same process and on the same folder, it times
 
-* the summariser: `gradwatch.summary.summarize(folder)` (finding the runs, reading every run.json
+* the summariser: `gradwatch.summary.table.summarize(folder)` (finding the runs, reading every run.json
   and every parquet value, computing the per-run rows, the grouped view and the loss curves), and
 * tbparse: `tbparse.SummaryReader(folder, pivot=False).scalars` (reading every scalar event),
 
@@ -39,11 +39,11 @@ import pandas as pd
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
-from gradwatch import tags
-from gradwatch.recorder import TB_DIR
-from gradwatch.runinfo import RunRecord
-from gradwatch.sinks import ParquetSink, read_metrics
-from gradwatch.summary import summarize
+from gradwatch.storage.parquet import ParquetSink, read_metrics
+from gradwatch.storage.record import RunRecord
+from gradwatch.summary.table import summarize
+from gradwatch.telemetry import tags
+from gradwatch.telemetry.recorder import TB_DIR
 
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 FLUSH_EVERY_N_STEPS = 100
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         summary = summarize(folder)
         summary_s = time.perf_counter() - started
-        print(f"summary reading (gradwatch.summary.summarize): {summary_s:.3f} s")
+        print(f"summary reading (gradwatch.summary.table.summarize): {summary_s:.3f} s")
 
         import tbparse  # a dev dependency: imported here, after the build, outside both timings
 

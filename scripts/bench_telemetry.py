@@ -9,7 +9,7 @@ Variants, each at every_n_steps 1 and 50:
 Per-step time is (wall(N2) - wall(N1)) / (N2 - N1) of real pipeline runs, so start-up cancels;
 variants are interleaved, and each wall time is the fastest of the repeats (a shared machine only
 ever adds time, so the minimum is the steadiest estimate). Also times the TensorBoard event
-writers alone (tensorboard's SummaryWriter against gradwatch.events.EventFile).
+writers alone (tensorboard's SummaryWriter against gradwatch.storage.events.EventFile).
 
     python scripts/bench_telemetry.py [--quick]
 """
@@ -27,8 +27,8 @@ import lightning.pytorch as pl
 import torch
 
 from gradwatch.api import train
-from gradwatch.events import EventFile
-from gradwatch.runinfo import read_run
+from gradwatch.storage.events import EventFile
+from gradwatch.storage.record import read_run
 
 MODELS = {
     "MLP 2-[256]x3-1": ["model.hidden=[256,256,256]"],

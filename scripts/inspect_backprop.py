@@ -14,10 +14,8 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 import gradwatch  # noqa: F401  (registers the config's resolvers)
-from gradwatch.cli import check_group_choices
-from gradwatch.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from gradwatch.config.cli import CONF_DIR, check_group_choices
+from gradwatch.config.errors import ConfigError
 
 
 def _one_line(err: Exception) -> str:
@@ -50,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Imported late: torch and Lightning take seconds to load, and a bad group option
         # should be reported without that wait.
-        from gradwatch.build import build
-        from gradwatch.inspector import inspect_backprop, render_dot, render_json, render_text
+        from gradwatch.config.build import build
+        from gradwatch.inspect.inspector import inspect_backprop, render_dot, render_json, render_text
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=overrides)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradwatch.summary import readable_grouped, write_summary
+from gradwatch.summary.table import readable_grouped, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:

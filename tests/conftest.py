@@ -23,7 +23,7 @@ def compose_cfg(overrides: list[str], run_dir: Path | None = None) -> DictConfig
 
 
 def train(overrides: list[str], run_dir: Path) -> float:
-    """One run through Hydra compose and gradwatch.pipeline.run, as train.py does it."""
+    """One run through Hydra compose and gradwatch.training.pipeline.run, as train.py does it."""
     return api_train([*QUIET, *overrides], run_dir, CONF)
 
 

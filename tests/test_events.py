@@ -9,7 +9,7 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboard_crc
 
-from gradwatch.events import EventFile, SummaryTemplate, masked_crc32c, scalar_event
+from gradwatch.storage.events import EventFile, SummaryTemplate, masked_crc32c, scalar_event
 
 NAMES = ("train/loss", "grad/0.weight/mean", "act/1/dead_fraction", "x" * 200)
 

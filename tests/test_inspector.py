@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 import gradwatch  # noqa: F401  (registers the config's resolvers)
-from gradwatch.build import build
-from gradwatch.inspector import (
+from gradwatch.config.build import build
+from gradwatch.inspect.inspector import (
     SMALL,
     chain_rule_check,
     gradient_check,

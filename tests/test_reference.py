@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from gradwatch.build import build
-from gradwatch.runinfo import read_run
+from gradwatch.config.build import build
+from gradwatch.storage.record import read_run
 
 from conftest import compose_cfg, read_tb, train
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gradwatch.sinks import read_metrics
+from gradwatch.storage.parquet import read_metrics
 
 from conftest import REPO, read_tb, train_py
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gradwatch.runinfo import read_run
+from gradwatch.storage.record import read_run
 
 from conftest import read_tb, train
 

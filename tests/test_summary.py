@@ -6,7 +6,7 @@ import sys
 
 import pandas as pd
 
-from gradwatch.summary import configured_thresholds, summarize
+from gradwatch.summary.table import configured_thresholds, summarize
 
 from conftest import REPO, train
 

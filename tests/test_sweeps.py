@@ -89,7 +89,7 @@ def test_hparams_carry_config_and_final_metrics(basic_sweep):
 
 def test_grouped_view_averages_over_seeds(basic_sweep):
     _, sweep = basic_sweep
-    from gradwatch.summary import summarize
+    from gradwatch.summary.table import summarize
 
     summary = summarize(sweep)
     runs = summary.runs

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradwatch.build import build
-from gradwatch.runinfo import read_run
-from gradwatch.sinks import read_metrics
-from gradwatch.stats import activation_stats, gradient_stats
+from gradwatch.config.build import build
+from gradwatch.storage.parquet import read_metrics
+from gradwatch.storage.record import read_run
+from gradwatch.telemetry.stats import activation_stats, gradient_stats
 
 from conftest import compose_cfg, read_tb, train
 
@@ -171,7 +171,7 @@ def test_histograms_every_n_steps(run_dir):
 
 
 def test_steps_to_converge_absolute_and_relative():
-    from gradwatch.metrics import steps_to_converge
+    from gradwatch.summary.outcome import steps_to_converge
 
     steps, losses = [0, 1, 2, 3], [10.0, 2.0, 0.5, 0.05]
     assert steps_to_converge(steps, losses, 0.5) == 2

@@ -1,6 +1,6 @@
 """gradwatch: a training pipeline that makes backpropagation visible."""
 
-from gradwatch.resolvers import register_resolvers
+from gradwatch.config.resolvers import register_resolvers
 
 register_resolvers()
 

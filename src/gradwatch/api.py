@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gradwatch.cli import CONF_DIR
-from gradwatch.pipeline import run
+from gradwatch.config.cli import CONF_DIR
+from gradwatch.training.pipeline import run
 
 
 def compose_config(overrides: list[str], run_dir: Path | str | None = None, conf_dir: Path = CONF_DIR) -> DictConfig:

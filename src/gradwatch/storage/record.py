@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradwatch.files import write_json_atomic
+from gradwatch.storage.files import write_json_atomic
 
 RUN_FILE = "run.json"
 

@@ -22,16 +22,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from gradwatch import sweep, tags
-from gradwatch.build import build, call_target
-from gradwatch.checkpointing import LastCheckpoint
-from gradwatch.cli import split_override
-from gradwatch.errors import ConfigError, is_number
-from gradwatch.metrics import finite_or_none, steps_to_converge
-from gradwatch.module import GradwatchModule
-from gradwatch.progress import StepProgressBar
-from gradwatch.recorder import TB_DIR, StepRecorder
-from gradwatch.runinfo import RunRecord
+from gradwatch.config.build import build, call_target
+from gradwatch.config.cli import split_override
+from gradwatch.config.errors import ConfigError, is_number
+from gradwatch.storage.record import RunRecord
+from gradwatch.summary import sweep
+from gradwatch.summary.outcome import finite_or_none, steps_to_converge
+from gradwatch.telemetry import tags
+from gradwatch.telemetry.recorder import TB_DIR, StepRecorder
+from gradwatch.training.checkpointing import LastCheckpoint
+from gradwatch.training.module import GradwatchModule
+from gradwatch.training.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
 

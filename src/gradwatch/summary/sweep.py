@@ -63,7 +63,7 @@ class SweepCallback(Callback):
         print(f"gradwatch: sweep of {os.environ[TOTAL_ENV]} runs into {config.hydra.sweep.dir}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from gradwatch.summary import write_summary
+        from gradwatch.summary.table import write_summary
 
         sweep_dir = Path(config.hydra.sweep.dir)
         # Each run's own convergence threshold (a sweep may sweep it).

@@ -1,6 +1,6 @@
 """The telemetry callback: gradient statistics and dead-ReLU rates, every N steps.
 
-"What" lives in `gradwatch.stats`; this adapter decides "when" and hands the numbers to the
+"What" lives in `gradwatch.telemetry.stats`; this adapter decides "when" and hands the numbers to the
 `StepRecorder`, which writes them with the step's loss as one event.
 """
 
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwatch import tags
-from gradwatch.errors import ConfigError, check_int
-from gradwatch.recorder import StepRecorder
-from gradwatch.stats import ActivationStats, GradientStats
+from gradwatch.config.errors import ConfigError, check_int
+from gradwatch.telemetry import tags
+from gradwatch.telemetry.recorder import StepRecorder
+from gradwatch.telemetry.stats import ActivationStats, GradientStats
 
 log = logging.getLogger(__name__)
 

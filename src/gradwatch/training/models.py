@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from gradwatch.errors import ConfigError, check_int, is_number
+from gradwatch.config.errors import ConfigError, check_int, is_number
 
 ACTIVATIONS = {
     "relu": nn.ReLU,

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from gradwatch.errors import ConfigError, check_int
+from gradwatch.config.errors import ConfigError, check_int
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger(__name__)

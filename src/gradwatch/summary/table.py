@@ -15,12 +15,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradwatch import tags
-from gradwatch.cli import split_override
-from gradwatch.files import write_atomic
-from gradwatch.metrics import steps_to_converge
-from gradwatch.runinfo import RUN_FILE
-from gradwatch.sinks import METRICS_DIR, Scalars, read_scalars
+from gradwatch.config.cli import split_override
+from gradwatch.storage.files import write_atomic
+from gradwatch.storage.parquet import METRICS_DIR, Scalars, read_scalars
+from gradwatch.storage.record import RUN_FILE
+from gradwatch.summary.outcome import steps_to_converge
+from gradwatch.telemetry import tags
 
 # The summary's columns, in order (DESIGN.md, "Summary table"); swept keys go after `status`
 # and per-layer dead fractions after `dead_fraction_max`.
@@ -252,7 +252,7 @@ def to_markdown(summary: Summary, folder: Path) -> str:
 
 def write_summary(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
     """Write summary.csv, summary.md and report.png into `folder`; each file atomically."""
-    from gradwatch.report import render_report
+    from gradwatch.summary.report import render_report
 
     folder = Path(folder)
     summary = summarize(folder, converge_below, relative)

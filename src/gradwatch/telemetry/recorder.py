@@ -13,10 +13,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from gradwatch import tags
-from gradwatch.errors import check_int
-from gradwatch.events import EventFile
-from gradwatch.sinks import ParquetSink
+from gradwatch.config.errors import check_int
+from gradwatch.storage.events import EventFile
+from gradwatch.storage.parquet import ParquetSink
+from gradwatch.telemetry import tags
 
 TB_DIR = "tb"  # <run dir>/tb: TensorBoard's folder (DESIGN.md, run folder)
 _HEAD = (tags.LOSS, tags.LR)

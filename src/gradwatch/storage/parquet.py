@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gradwatch.files import write_atomic
+from gradwatch.storage.files import write_atomic
 
 METRICS_DIR = "metrics"
 _PART = "part-{:06d}.parquet"

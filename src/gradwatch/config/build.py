@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from gradwatch.data import TensorBatches
-from gradwatch.errors import ConfigError, check_int, is_number
-from gradwatch.models import apply_init, init_scheme
+from gradwatch.config.errors import ConfigError, check_int, is_number
+from gradwatch.training.data import TensorBatches
+from gradwatch.training.models import apply_init, init_scheme
 
 _BCE_LOSSES = (nn.BCEWithLogitsLoss, nn.BCELoss)
 _BATCHING_KEYS = ("batch_size", "shuffle", "seed")
@@ -51,7 +51,7 @@ def _group(cfg: DictConfig, key: str, drop: tuple[str, ...] = ()) -> dict:
 
 
 def cfg_choice(cfg: DictConfig) -> str:
-    """The dataset option's name, from its builder (`gradwatch.data.sum_x1_x2` -> sum_x1_x2)."""
+    """The dataset option's name, from its builder (`gradwatch.training.data.sum_x1_x2` -> sum_x1_x2)."""
     return str(cfg.dataset.get("_target_", "?")).rsplit(".", 1)[-1]
 
 

@@ -4,7 +4,8 @@ import os
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The repository's conf/ folder: the one place it is located.
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 def split_override(item: str) -> tuple[str, str] | None:

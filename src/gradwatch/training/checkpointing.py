@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from gradwatch.errors import check_int
+from gradwatch.config.errors import check_int
 
 
 class LastCheckpoint(pl.Callback):

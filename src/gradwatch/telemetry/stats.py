@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradwatch.tags import GRAD_STATS
+from gradwatch.telemetry.tags import GRAD_STATS
 
 
 def _groups(keys: Sequence) -> tuple[list[list[int]], torch.Tensor]:

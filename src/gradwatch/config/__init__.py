@@ -1,0 +1,1 @@
+"""Config: the command-line pre-check, config errors, resolvers, and config -> objects (`build`)."""

@@ -1,0 +1,1 @@
+"""The backprop inspector: one forward and backward pass, step by step."""

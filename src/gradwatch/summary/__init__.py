@@ -1,0 +1,1 @@
+"""Summary: a run's outcome, the sweep table, the report, and the Hydra sweep callback."""

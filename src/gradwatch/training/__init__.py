@@ -1,0 +1,1 @@
+"""Training: data, models, the LightningModule, and the pipeline that runs one fit."""
