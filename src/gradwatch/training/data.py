@@ -8,8 +8,9 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
-from gradwatch.config.errors import ConfigError, check_int
+from gradwatch.config.errors import ConfigError, check_int, is_number
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -75,6 +76,38 @@ def points(x: Sequence, y: Sequence, seed: int = 0) -> Tensors:
     if len(tx) != len(ty):
         raise ConfigError("dataset.y", list(y), f"as many points as dataset.x ({len(tx)})")
     return tx, ty
+
+
+DIGITS_CLASSES = 10
+
+
+def digits(train_fraction: float = 0.8, split: str = "train", seed: int = 0) -> Tensors:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, bundled, no download), for CrossEntropyLoss.
+
+    x is (n, 64): pixels 0..16 divided by 16, so every input lies in [0, 1], blank pixels stay 0
+    and nothing is estimated from the data (standardising would divide the always-blank border
+    pixels by a zero std, and would use the held-out images' statistics). y is one-hot (n, 10)
+    float, so models get 10 outputs and CrossEntropyLoss takes it as class probabilities.
+
+    The images are shuffled with `seed`; the first `train_fraction` of them (rounded) are the
+    `train` split, the rest the `test` split: `digits(split="test", seed=s)` is what a run with
+    data seed s never trained on.
+    """
+    if not is_number(train_fraction) or not 0 < train_fraction <= 1:
+        raise ConfigError("dataset.train_fraction", train_fraction, "a number in (0, 1]")
+    if split not in ("train", "test"):
+        raise ConfigError("dataset.split", split, "train or test")
+    from sklearn.datasets import load_digits  # imported here: only this dataset needs scikit-learn
+
+    images, labels = load_digits(return_X_y=True)
+    order = torch.randperm(len(images), generator=_generator(seed))
+    n_train = round(train_fraction * len(images))
+    if split == "test" and n_train == len(images):
+        raise ConfigError("dataset.split", split, f"train (train_fraction={train_fraction} leaves no test images)")
+    idx = order[:n_train] if split == "train" else order[n_train:]
+    x = torch.as_tensor(images, dtype=torch.float32)[idx] / 16.0
+    y = nn.functional.one_hot(torch.as_tensor(labels)[idx], DIGITS_CLASSES).float()
+    return x, y
 
 
 class TensorBatches:

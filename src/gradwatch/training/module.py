@@ -6,6 +6,37 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+# The accuracy tag. TODO(integration): use `tags.ACCURACY` from gradwatch.telemetry.tags once the
+# telemetry branch adds it there (tag names live only in tags.py); spelled here once until then.
+ACCURACY = "train/accuracy"
+
+# Losses whose outputs are class scores, and how a prediction is read from them (see `accuracy`).
+_MULTICLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_BINARY_LOSSES = {nn.BCEWithLogitsLoss: 0.0, nn.BCELoss: 0.5}  # loss -> decision threshold on the output
+
+
+def accuracy(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """The share of correct predictions as a detached 0-dim tensor (no host sync), or None for a
+    loss that is not a classification loss (MSELoss...).
+
+    CrossEntropyLoss / NLLLoss: argmax over dim 1 of `out` against the class index `y`, or against
+    argmax of `y` when `y` holds class probabilities (one-hot). BCEWithLogitsLoss / BCELoss: every
+    output is a yes/no prediction, `out > 0` (logits) or `out > 0.5` (probabilities), against `y >= 0.5`.
+
+    >>> float(accuracy(nn.CrossEntropyLoss(), torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0])))
+    0.5
+    >>> accuracy(nn.MSELoss(), torch.zeros(2, 1), torch.zeros(2, 1)) is None
+    True
+    """
+    with torch.no_grad():
+        if isinstance(loss_fn, _MULTICLASS_LOSSES):
+            target = y.argmax(dim=1) if y.shape == out.shape else y
+            return (out.argmax(dim=1) == target).float().mean()
+        threshold = next((t for kind, t in _BINARY_LOSSES.items() if isinstance(loss_fn, kind)), None)
+        if threshold is None:
+            return None
+        return ((out > threshold) == (y >= 0.5)).float().mean()
+
 
 class GradwatchModule(pl.LightningModule):
     """Trains `model` on (x, y) batches with `loss_fn`; `optimizer` is a partial taking parameters.
@@ -22,6 +53,10 @@ class GradwatchModule(pl.LightningModule):
         self.model = model
         self.loss_fn = loss_fn
         self._optimizer_factory = optimizer
+        self._classifies = isinstance(loss_fn, (*_MULTICLASS_LOSSES, *_BINARY_LOSSES))
+        # Per-step extra scalars (tag -> detached 0-dim tensor) that the StepRecorder writes with
+        # the loss: `train/accuracy` for a classification loss, nothing otherwise.
+        self.step_metrics: dict[str, torch.Tensor] = {}
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets `_current_fx_name` around every hook, dozens of times a step, and
@@ -37,7 +72,10 @@ class GradwatchModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return self.loss_fn(self.model(x), y)
+        out = self.model(x)
+        if self._classifies:
+            self.step_metrics[ACCURACY] = accuracy(self.loss_fn, out, y)
+        return self.loss_fn(out, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self._optimizer_factory(self.model.parameters())
