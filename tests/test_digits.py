@@ -144,7 +144,9 @@ def test_study_preset_composes_as_a_sweep_on_digits():
     cfg = compose_cfg(["experiment=study_digits_depth"])
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert set(cfg.hydra.sweeper.params) == {"model.hidden", "model.activation", "model.weight_init", "seed"}
-    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    basic = compose_cfg(["experiment=study_digits_depth", "hydra/launcher=basic"])
+    assert basic.hydra.launcher._target_.endswith("BasicLauncher")
     assert cfg.dataset._target_ == "gradwatch.training.data.digits" and cfg.loss._target_ == "torch.nn.CrossEntropyLoss"
     # The deep sigmoid setting builds: 64 -> six hidden layers of 32 -> 10, sigmoid between.
     parts = build(compose_cfg(["experiment=study_digits_depth", "model.hidden=[32,32,32,32,32,32]",
