@@ -318,7 +318,7 @@ def test_bad_group_option_from_the_shell():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == ["gradwatch: dataset=nope is not valid: allowed is one of "
-                                        "line_2x, points, random_bce, sum_x1_x2"]
+                                        "digits, line_2x, points, random_bce, sum_x1_x2"]
 
 
 def test_script_json_record(json_run):
