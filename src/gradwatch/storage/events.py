@@ -161,11 +161,17 @@ def layout_summary(layout: dict) -> Summary:
     return Summary(value=[Summary.Value(tag=CUSTOM_SCALARS_TAG, tensor=tensor, metadata=metadata)])
 
 
+def _tensorflow_bins() -> np.ndarray:
+    """TensorBoard's default bucket edges: +-1e-12 growing by 10% up to 1e20, and 0."""
+    edges = 1e-12 * 1.1 ** np.arange(int(np.ceil(np.log(1e20 / 1e-12) / np.log(1.1))))
+    return np.concatenate([-edges[::-1], [0.0], edges])
+
+
 def histogram_summary(tag: str, values) -> Summary:
-    """A histogram of `values` (a tensor or array), as `SummaryWriter.add_histogram` bins it."""
+    """A histogram of `values` (a tensor or array), binned as `SummaryWriter.add_histogram` does."""
     from torch.utils.tensorboard.summary import histogram
 
-    return histogram(tag, values, bins="tensorflow")
+    return histogram(tag, values, bins=_tensorflow_bins())
 
 
 def text_summary(tag: str, text: str) -> Summary:
