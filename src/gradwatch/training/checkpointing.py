@@ -74,14 +74,11 @@ def check_fits(checkpoint: dict, model: nn.Module, value: str, prefix: str = "mo
     """A ConfigError unless the checkpoint's weights have the configured model's names and shapes."""
     saved = {k[len(prefix):]: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problem = None
-    if set(saved) != set(wanted):
-        missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
-        problem = "; ".join(filter(None, [missing and f"no {', '.join(missing)} in the checkpoint",
-                                          extra and f"{', '.join(extra)} not in the model"]))
-    else:
-        bad = next((k for k in wanted if saved[k] != wanted[k]), None)
-        if bad is not None:
-            problem = f"{bad} has shape {list(saved[bad])} there, {list(wanted[bad])} in the configured model"
+    bad = next((k for k in wanted if k in saved and saved[k] != wanted[k]), None)
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    problem = "; ".join(filter(None, [
+        bad and f"{bad} has shape {list(saved[bad])} there, {list(wanted[bad])} in the configured model",
+        missing and f"no {', '.join(missing)} in the checkpoint",
+        extra and f"{', '.join(extra)} not in the model"]))
     if problem:
         raise ConfigError("ckpt_path", value, f"a checkpoint of the configured model ({problem})")
