@@ -105,15 +105,15 @@ def precheck_resume(argv: list[str], folder: Path | None, conf_dir: Path = CONF_
     in the run folder), loads with `weights_only=True`, and its weights have the names and shapes of
     the configured model. Builds the model from the composed config; writes nothing."""
     value = _typed(argv, "ckpt_path")
-    if _multirun(argv) or value in (None, "", "null"):
-        return None
+    if _multirun(argv) or value in (None, "", "null") or (value == "last" and folder is None):
+        return None  # `last` in a folder Hydra names: the run reports it, naming the folder
     from hydra import compose, initialize_config_dir
 
     from gradwatch.config.errors import ConfigError
     from gradwatch.training.checkpointing import check_fits, read_checkpoint, resolve_ckpt_path
 
     try:
-        path = resolve_ckpt_path(value, folder if folder is not None else Path("<new run folder>"))
+        path = resolve_ckpt_path(value, folder or Path.cwd())
         checkpoint = read_checkpoint(path, value)
         overrides = [o.input_line for o in _parsed(argv)]
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
