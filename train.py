@@ -1,22 +1,68 @@
 """Train a network with gradient telemetry: `python train.py model=mlp optimizer.lr=0.01`.
 
 Sweeps: `python train.py -m optimizer.lr=0.001,0.01,0.1 seed=0,1,2`. See README.md.
+
+This file owns what the user sees of a run: one `gradwatch:` line and the exit code (0 done,
+1 failed, 2 refused, 130/143 interrupted). In a sweep each run gets its progress line from the
+sweep callback instead. A refused command leaves an existing run folder byte-identical.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gradwatch.config.cli import precheck
-from gradwatch.training.pipeline import run
+from gradwatch.config.cli import precheck, precheck_resume, run_folder
+from gradwatch.storage.paths import RunPaths
+
+CONF_DIR = Path(__file__).parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)
+    from gradwatch.config.errors import ConfigError
+    from gradwatch.summary import sweep
+    from gradwatch.training.pipeline import EXIT_REFUSED, RunFailed, exit_code, run
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        result = run(cfg)
+    except (ConfigError, RunFailed) as err:
+        code = exit_code(err)
+        if multirun and code in (EXIT_REFUSED, 1):
+            return float("nan")  # recorded; the sweep callback prints the run's line and goes on
+        if multirun:
+            sweep.report_run(HydraConfig.get(), getattr(err, "record", {}))  # the sweep stops here
+        else:
+            print(f"gradwatch: {err}", file=sys.stderr, flush=True)
+        sys.exit(code)
+    if not multirun:
+        print(f"gradwatch: {result.status} after {result.outcome.steps} steps, final loss "
+              f"{result.outcome.final_loss}, run folder {result.run_dir}", flush=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+    return result.value
+
+
+def _refused(message: str) -> None:
+    print(f"gradwatch: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-    precheck(conf_dir=Path(__file__).parent / "conf")
-    main()
+    argv = sys.argv[1:]
+    precheck(argv, conf_dir=CONF_DIR)
+    folder = run_folder(argv)
+    snapshot = RunPaths(folder).snapshot() if folder is not None and RunPaths(folder).is_run() else None
+    problem = precheck_resume(argv, folder, conf_dir=CONF_DIR)
+    if problem:
+        _refused(problem)
+    try:
+        main()
+    except SystemExit as done:
+        if snapshot is not None and done.code == 2:
+            snapshot.restore()  # Hydra wrote .hydra/ before the run was refused: put it back
+        raise

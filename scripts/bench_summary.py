@@ -40,10 +40,10 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from gradwatch.storage.parquet import ParquetSink, read_metrics
+from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import RunRecord
 from gradwatch.summary.table import summarize
 from gradwatch.telemetry import tags
-from gradwatch.telemetry.recorder import TB_DIR
 
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 FLUSH_EVERY_N_STEPS = 100
@@ -118,9 +118,9 @@ def write_run(run_dir: Path, names: list[str], values: np.ndarray, overrides: li
     run_dir.mkdir(parents=True)
     record = RunRecord(run_dir, overrides, seed)
     record.write(status="running")
-    writer = SummaryWriter(log_dir=str(run_dir / TB_DIR))
+    writer = SummaryWriter(log_dir=str(RunPaths(run_dir).tb))
     file_writer = writer._get_file_writer()
-    sink = ParquetSink(run_dir)
+    sink = ParquetSink(RunPaths(run_dir).metrics)
     names_tuple = tuple(names)
     for step, row in enumerate(values.tolist()):
         event = Summary(value=[Summary.Value(tag=n, simple_value=v) for n, v in zip(names, row, strict=True)])

@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from gradwatch.summary.table import configured_thresholds, summarize
 
 from conftest import REPO, train
 
 
+@pytest.mark.slow  # starts scripts/summarize.py
 def test_summarize_uses_each_runs_own_convergence_threshold(tmp_path):
     for name, below in (("0_a", 0.99), ("1_b", 1e-9)):
         train([f"summary.converge_below={below}", "trainer.max_steps=20"], tmp_path / name)
@@ -31,3 +33,15 @@ def test_written_files_have_the_usual_permissions(tmp_path):
     os.umask(umask)
     for path in [tmp_path / "run" / "run.json", *(tmp_path / "run" / "metrics").glob("*.parquet")]:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_swept_columns_come_from_each_runs_resolved_config(tmp_path):
+    for name, overrides in (("0_a", ["model=linear", "optimizer.lr=1e-2"]),
+                            ("1_b", ["model=mlp", "model.hidden=[4,4]", "optimizer.lr=0.02", "~model.weight_init"])):
+        train([*overrides, "trainer.max_steps=3"], tmp_path / name)
+    summary = summarize(tmp_path)
+    runs = summary.runs.set_index("run_dir")
+    assert summary.swept == ["model", "model.hidden", "optimizer.lr"]  # `~model.weight_init` is no value
+    assert runs.loc["0_a", "model"] == "linear" and runs.loc["1_b", "model"] == "mlp"
+    assert runs.loc["0_a", "optimizer.lr"] == 0.01 and runs.loc["1_b", "optimizer.lr"] == 0.02
+    assert runs.loc["1_b", "model.hidden"] == "[4, 4]" and pd.isna(runs.loc["0_a", "model.hidden"])

@@ -1,6 +1,5 @@
 """Sweeps through `train.py -m` in subprocesses, and their summaries."""
 
-import json
 import math
 import re
 import shutil
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, compose_cfg, read_tb, train_py
+from conftest import REPO, read_tb, strict_json, train_py
 
 pytestmark = pytest.mark.slow
 
@@ -169,26 +168,8 @@ def test_two_sweeps_in_the_same_second_never_share_a_folder(tmp_path):
     assert all(len(pd.read_csv(s / "summary.csv")) == 1 for s in sweeps)
 
 
-@pytest.mark.parametrize(("launcher", "target"), [
-    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
-    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
-    ("ray", "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"),
-])
-def test_cluster_launcher_configs_compose(launcher, target):
-    cfg = compose_cfg([f"hydra/launcher={launcher}"])
-    assert cfg.hydra.launcher._target_ == target
-
-
-def test_study_presets_compose_as_sweeps():
-    for study, keys in (("study_lr_convergence", {"model", "dataset", "optimizer.lr", "seed"}),
-                        ("study_dead_relu", {"model.hidden", "optimizer.lr", "model.bias_init", "seed"})):
-        cfg = compose_cfg([f"experiment={study}"])
-        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-        assert set(cfg.hydra.sweeper.params) == keys
-
-
 def test_run_json_is_valid_for_every_run(basic_sweep):
     _, sweep = basic_sweep
     for run in (p for p in sweep.iterdir() if p.is_dir()):
-        record = json.loads((run / "run.json").read_text())
+        record = strict_json(run / "run.json")
         assert record["status"] in ("completed", "diverged") and record["wall_s"] > 0

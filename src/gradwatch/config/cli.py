@@ -8,16 +8,17 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
-def split_override(item: str) -> tuple[str, str] | None:
-    """`+model.init={...}` -> ("model.init", "{...}"); None for flags and Hydra's own keys.
+def _parsed(argv: list[str]) -> list:
+    """The overrides among `argv` that Hydra's parser reads (flags and what it refuses are Hydra's to report)."""
+    from gradwatch.config.overrides import parse
 
-    >>> split_override("~optimizer.lr=0.1"), split_override("hydra.run.dir=x"), split_override("-m")
-    (('optimizer.lr', '0.1'), None, None)
-    """
-    key, sep, value = str(item).lstrip("+~").partition("=")
-    if not sep or key.startswith("hydra") or key.startswith("-"):
-        return None
-    return key, value
+    found = []
+    for arg in argv:
+        try:
+            found += parse([arg])
+        except Exception:  # noqa: BLE001 - Hydra reports text it cannot parse, with its own message
+            continue
+    return found
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -30,17 +31,18 @@ def check_group_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> str | Non
     >>> check_group_choices(["model=mlpp"])
     'model=mlpp is not valid: allowed is one of linear, mlp'
     """
-    for arg in argv:
-        pair = split_override(arg)
-        if pair is None:
+    for override in _parsed(argv):
+        key = override.key_or_group
+        if override.is_delete() or "." in key or not (conf_dir / key).is_dir():
             continue
-        key, value = pair
-        if "." in key or not (conf_dir / key).is_dir():
+        try:
+            choices = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # noqa: BLE001 - sweep functions Hydra expands itself (range, glob) are its to check
             continue
-        if "(" in value or value in ("null", ""):
-            continue  # sweep functions such as choice(...) are left to Hydra
         options = group_options(key, conf_dir)
-        for choice in value.split(","):
+        for choice in choices:
+            if choice is None or choice == "":
+                continue
             if choice not in options:
                 return f"{key}={choice} is not valid: allowed is one of {', '.join(options)}"
     return None
@@ -74,3 +76,53 @@ def precheck(argv: list[str] | None = None, conf_dir: Path = CONF_DIR) -> None:
     if message:
         print(f"gradwatch: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _multirun(argv: list[str]) -> bool:
+    return bool({"-m", "--multirun"} & set(argv))
+
+
+def _typed(argv: list[str], key: str) -> str | None:
+    """The last value typed for `key` (`key=v`, `+key=v`, `++key=v`), else None."""
+    value = None
+    for arg in argv:
+        typed, sep, text = arg.lstrip("+").partition("=")
+        if sep and typed == key:
+            value = text
+    return value
+
+
+def run_folder(argv: list[str]) -> Path | None:
+    """The run folder a single run writes to when the command names it (`hydra.run.dir=...`), else None."""
+    folder = _typed(argv, "hydra.run.dir")
+    if _multirun(argv) or folder is None or "${" in folder:
+        return None
+    return Path(folder)
+
+
+def precheck_resume(argv: list[str], folder: Path | None, conf_dir: Path = CONF_DIR) -> str | None:
+    """The error for a `ckpt_path` that cannot resume this config, else None: the file exists (`last`:
+    in the run folder), loads with `weights_only=True`, and its weights have the names and shapes of
+    the configured model. Builds the model from the composed config; writes nothing."""
+    value = _typed(argv, "ckpt_path")
+    if _multirun(argv) or value in (None, "", "null") or (value == "last" and folder is None):
+        return None  # `last` in a folder Hydra names: the run reports it, naming the folder
+    from hydra import compose, initialize_config_dir
+
+    from gradwatch.config.errors import ConfigError
+    from gradwatch.training.checkpointing import check_fits, read_checkpoint, resolve_ckpt_path
+
+    try:
+        path = resolve_ckpt_path(value, folder or Path.cwd())
+        checkpoint = read_checkpoint(path, value)
+        overrides = [o.input_line for o in _parsed(argv)]
+        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        from gradwatch.config.build import build
+
+        check_fits(checkpoint, build(cfg).model, value)
+    except ConfigError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - anything else is the run's to report, as it would without a resume
+        return None
+    return None

@@ -7,6 +7,9 @@ is built once, and each step only drops its float32 values into the template's s
 are written at flush with a C CRC32C (google-crc32c). The bytes are the protobuf encoding and the
 TFRecord framing (length, masked CRC of length, data, masked CRC of data), so any TensorBoard
 reader reads them; tests/test_events.py compares them with protobuf's own serialisation.
+
+Other summaries (the custom-scalars layout, histograms, hparams, text) are rare: they are built
+as protobuf `Summary` messages by the functions below and written through the same file.
 """
 
 import os
@@ -19,6 +22,9 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -73,7 +79,10 @@ def scalar_event(step: int, summary: bytes, wall_time: float) -> bytes:
 
 
 class EventFile:
-    """One event file in `log_dir`; `add_scalars` buffers, `flush` writes.
+    """One event file in `log_dir`; `write` buffers a step's scalars, `flush` writes.
+
+    A sink (as `ParquetSink`): `write(step, names, values)`, `flush()`, `close()`;
+    `add_summary(step, summary)` adds any other `Summary` message.
 
     `purge_from_step` (on resume) records a session restart at that step, so TensorBoard drops
     the events an interrupted run had logged at or after it.
@@ -106,6 +115,11 @@ class EventFile:
             self._last_names, self._last_template = names, template
         self._pending.append(scalar_event(step, template.encode(values), time.time()))
 
+    write = add_scalars
+
+    def add_summary(self, step: int, summary: Summary) -> None:
+        self._pending.append(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
+
     def flush(self) -> None:
         if self._file.closed:
             return
@@ -118,3 +132,64 @@ class EventFile:
         if not self._file.closed:
             self.flush()
             self._file.close()
+
+
+# -- summaries other than a step's scalars -------------------------------------------------------
+CUSTOM_SCALARS_TAG = "custom_scalars__config__"  # the tag TensorBoard's custom-scalars plugin reads
+
+
+def layout_summary(layout: dict) -> Summary:
+    """The custom-scalars layout `{category: {chart: ["Multiline", [tag regexes]] or
+    ["Margin", [value, lower, upper]]}}` (the form `SummaryWriter.add_custom_scalars` takes)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    categories = []
+    for title, charts in layout.items():
+        items = []
+        for chart_title, (kind, spec) in charts.items():
+            if kind == "Margin":
+                value, lower, upper = spec
+                content = layout_pb2.MarginChartContent(
+                    series=[layout_pb2.MarginChartContent.Series(value=value, lower=lower, upper=upper)])
+                items.append(layout_pb2.Chart(title=chart_title, margin=content))
+            else:
+                items.append(layout_pb2.Chart(title=chart_title, multiline=layout_pb2.MultilineChartContent(tag=spec)))
+        categories.append(layout_pb2.Category(title=title, chart=items))
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout_pb2.Layout(category=categories).SerializeToString()],
+                         tensor_shape=TensorShapeProto())
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+    return Summary(value=[Summary.Value(tag=CUSTOM_SCALARS_TAG, tensor=tensor, metadata=metadata)])
+
+
+def _tensorflow_bins() -> np.ndarray:
+    """TensorBoard's default bucket edges: +-1e-12 growing by 10% up to 1e20, and 0."""
+    edges = 1e-12 * 1.1 ** np.arange(int(np.ceil(np.log(1e20 / 1e-12) / np.log(1.1))))
+    return np.concatenate([-edges[::-1], [0.0], edges])
+
+
+def histogram_summary(tag: str, values) -> Summary:
+    """A histogram of `values` (a tensor or array), binned as `SummaryWriter.add_histogram` does."""
+    from torch.utils.tensorboard.summary import histogram
+
+    return histogram(tag, values, bins=_tensorflow_bins())
+
+
+def text_summary(tag: str, text: str) -> Summary:
+    from tensorboard.plugins.text.summary_v2 import text_pb
+
+    return text_pb(tag, text)
+
+
+def hparams_summaries(hparams: dict, metrics: list[str]) -> list[Summary]:
+    """The HParams tab's experiment (hparam names, metric tags), session start (the values) and
+    session end (success); the metrics themselves are scalars written at the same step."""
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
+
+    experiment = summary_v2.hparams_config_pb(hparams=[summary_v2.HParam(name) for name in hparams],
+                                              metrics=[summary_v2.Metric(tag) for tag in metrics])
+    start = summary_v2.hparams_pb(hparams)
+    end_info = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+    end = Summary(value=[Summary.Value(
+        tag=metadata.SESSION_END_INFO_TAG, tensor=metadata.NULL_TENSOR,
+        metadata=metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end_info)))])
+    return [experiment, start, end]

@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves half of one: write beside, then rename."""
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,5 +32,22 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None, so strict JSON readers accept it.
+
+    >>> strict_json({"a": float("nan"), "b": [1.0, float("inf")]})
+    {'a': None, 'b': [1.0, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    write_atomic(path, (json.dumps(record, indent=2, default=str, allow_nan=True) + "\n").encode())
+    """Strict JSON (no NaN or Infinity: they become null), written atomically."""
+    text = json.dumps(strict_json(record), indent=2, default=str, allow_nan=False)
+    write_atomic(path, (text + "\n").encode())

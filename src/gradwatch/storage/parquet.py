@@ -1,7 +1,8 @@
 """The columnar sink: every logged scalar of a run as parquet parts, for pandas.
 
-Layout: `<run dir>/metrics/part-<n>.parquet`, long format (`step`, `tag`, `value`). Each flush
-writes one new part atomically, so a killed run keeps everything up to its last flush.
+Layout: `<run dir>/metrics/part-<n>.parquet` (`RunPaths.metrics`), long format (`step`, `tag`,
+`value`). Each flush writes one new part atomically, so a killed run keeps everything up to its
+last flush.
 """
 
 import io
@@ -17,20 +18,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradwatch.storage.files import write_atomic
+from gradwatch.storage.paths import RunPaths
 
-METRICS_DIR = "metrics"
 _PART = "part-{:06d}.parquet"
 
 
 class ParquetSink:
-    """Buffers (step, tags, values) rows and writes them as one parquet part per flush.
+    """Buffers (step, tags, values) rows and writes them as one parquet part per flush into `folder`.
 
-    >>> sink = ParquetSink(tmp_path)             # doctest: +SKIP
+    A sink (as `EventFile`): `write(step, names, values)`, `flush()`, `close()`.
+
+    >>> sink = ParquetSink(RunPaths(tmp_path).metrics)             # doctest: +SKIP
     >>> sink.write(0, ("train/loss",), [25.0]); sink.flush()   # doctest: +SKIP
     """
 
-    def __init__(self, run_dir: Path, purge_from_step: int | None = None):
-        self.folder = Path(run_dir) / METRICS_DIR
+    def __init__(self, folder: Path, purge_from_step: int | None = None):
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._steps: list[int] = []
         self._tags: list[tuple[str, ...]] = []
@@ -40,10 +43,13 @@ class ParquetSink:
         parts = _parts(self.folder)
         self._next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
 
-    def write(self, step: int, tags: tuple[str, ...], values: np.ndarray) -> None:
+    def write(self, step: int, names: tuple[str, ...], values: np.ndarray) -> None:
         self._steps.append(step)
-        self._tags.append(tags)
+        self._tags.append(names)
         self._values.append(values)
+
+    def close(self) -> None:
+        self.flush()
 
     def flush(self) -> None:
         if not self._steps:
@@ -68,10 +74,10 @@ class ParquetSink:
         old = _parts(self.folder)
         if not old:
             return
-        kept = read_metrics(self.folder.parent)
-        kept = kept[kept["step"] < step]
+        kept = _read_folder(self.folder)[0]
+        kept = kept.filter(pc.less(kept.column("step"), step))
         self._next_part = int(old[-1].stem.split("-")[1]) + 1
-        self._write_part(pa.Table.from_pandas(kept, preserve_index=False))
+        self._write_part(kept)
         for part in old:
             os.unlink(part)
 
@@ -120,19 +126,24 @@ class Scalars:
         return steps[last], values[last]
 
 
-def read_scalars(run_dir: Path, keep: Callable[[str], bool] | None = None) -> Scalars:
-    """The scalars of a run (all, or those whose tag passes `keep`); unreadable parts are skipped
-    and listed in `unreadable`."""
+def _read_folder(folder: Path, keep: Callable[[str], bool] | None = None) -> tuple[pa.Table, list[str]]:
+    """Every readable part of `folder` as one table, and the parts that could not be read."""
     tables, unreadable = [], []
-    for part in _parts(Path(run_dir) / METRICS_DIR):
+    for part in _parts(folder):
         try:
             table = pq.read_table(part)
             if keep is not None:
                 table = _keep_rows(table, keep)
             tables.append(table.cast(_SCHEMA))
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:
             unreadable.append(f"{part.name}: {err}")
-    table = pa.concat_tables(tables).unify_dictionaries() if tables else _SCHEMA.empty_table()
+    return (pa.concat_tables(tables).unify_dictionaries() if tables else _SCHEMA.empty_table()), unreadable
+
+
+def read_scalars(run_dir: Path, keep: Callable[[str], bool] | None = None) -> Scalars:
+    """The scalars of a run (all, or those whose tag passes `keep`); unreadable parts are skipped
+    and listed in `unreadable`."""
+    table, unreadable = _read_folder(RunPaths(run_dir).metrics, keep)
     tags = table.column("tag").combine_chunks()
     if isinstance(tags, pa.ChunkedArray):  # an empty table
         tags = pa.DictionaryArray.from_arrays(pa.array([], pa.int32()), pa.array([], pa.string()))

@@ -1,4 +1,7 @@
-"""`run.json`: a run's status and results, written at start and rewritten atomically at the end."""
+"""`run.json`: a run's status and results, written at start and rewritten atomically at the end.
+
+Strict JSON: a non-finite number is written as null (the status says why, e.g. `diverged`).
+"""
 
 import json
 import time
@@ -6,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch.storage.files import write_json_atomic
+from gradwatch.storage.paths import RunPaths
 
-RUN_FILE = "run.json"
+STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 
 
 class RunRecord:
     """The run's record; every change is written to `<run_dir>/run.json` at once."""
 
     def __init__(self, run_dir: Path, overrides: list[str], seed: Any):
-        self.path = Path(run_dir) / RUN_FILE
+        self.path = RunPaths(run_dir).record
         self.data: dict[str, Any] = {
             "status": "running",
             "steps": 0,
@@ -34,4 +38,9 @@ class RunRecord:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / RUN_FILE).read_text())
+    """A run's record. Raises OSError when it cannot be read and ValueError when it is not a JSON
+    object (a truncated file, a list, NaN written by an older version is accepted)."""
+    record = json.loads(RunPaths(run_dir).record.read_text())
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON object was expected, not {type(record).__name__}")
+    return record

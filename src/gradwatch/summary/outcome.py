@@ -1,9 +1,73 @@
-"""Convergence and run-outcome math over loss curves (plain Python/NumPy, tested alone)."""
+"""A run's outcome: one dataclass, computed in one place from the run's recorded scalars.
+
+`run.json` (at the end of a run), the summary table's columns and the HParams tab's metrics all
+come from `Outcome`, computed by `outcome_of` from the same parquet parts (`read_outcome`), so
+they always agree. The curve is this run folder's: a run started from another run's checkpoint
+reports on the steps logged here (a resume in the same folder has all of them).
+"""
 
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
+
+from gradwatch.telemetry import tags
+
+# Field metadata: which fields the HParams tab shows as metrics.
+_HPARAM = {"hparam": True}
+
+
+@dataclass
+class Outcome:
+    """What a run reached. Field names are the column names of the summary and the keys of run.json;
+    a value the run has no data for is None (NaN in the summary table)."""
+
+    steps: int = 0
+    final_loss: float | None = field(default=None, metadata=_HPARAM)
+    min_loss: float | None = field(default=None, metadata=_HPARAM)
+    steps_to_converge: int | None = field(default=None, metadata=_HPARAM)
+    converged: bool = False
+    diverged: bool = False
+    dead_fraction_final: float | None = field(default=None, metadata=_HPARAM)
+    dead_fraction_max: float | None = None
+    grad_global_norm_final: float | None = None
+    # `dead_fraction_final/<layer>` and `dead_fraction_max/<layer>` for each ReLU layer.
+    layers: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The scalar fields, in column order (`layers` go after `dead_fraction_max`)."""
+        return [f.name for f in fields(cls) if f.name != "layers"]
+
+    @classmethod
+    def hparam_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata.get("hparam")]
+
+    def row(self) -> dict:
+        """The summary table's columns: missing and non-finite values as NaN-able floats."""
+        row = asdict(self)
+        layers = row.pop("layers")
+        row = {k: math.nan if v is None else v for k, v in row.items()}
+        return {**row, **layers}
+
+    def record(self) -> dict:
+        """run.json's fields: strict JSON, so a non-finite number is null (the status says why)."""
+        row = asdict(self)
+        row.pop("layers")
+        return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
+
+    def hparams_metrics(self) -> dict[str, float]:
+        return {name: math.nan if getattr(self, name) is None else float(getattr(self, name))
+                for name in self.hparam_names()}
+
+    @property
+    def value(self) -> float:
+        """What Hydra's sweepers minimise: the final loss; a diverged run is infinitely bad, not missing."""
+        final = finite_or_none(self.final_loss)
+        return math.inf if final is None else final
 
 
 def converge_threshold(initial_loss: float, converge_below: float, relative: bool) -> float:
@@ -29,3 +93,64 @@ def steps_to_converge(steps: Sequence[int], losses: Sequence[float], converge_be
 
 def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def outcome_tag(tag: str) -> bool:
+    """The tags an outcome is computed from (read only these from parquet)."""
+    return tag in (tags.LOSS, tags.GLOBAL_NORM) or tags.is_dead_fraction(tag) or _is_nonfinite_count(tag)
+
+
+def _is_nonfinite_count(tag: str) -> bool:
+    return tag.startswith("grad/") and tag == tags.grad(tags.layer_of(tag), "nonfinite")
+
+
+def outcome_of(scalars, converge_below: float, relative: bool = False) -> Outcome:
+    """The outcome of a run from its scalars (`gradwatch.storage.parquet.Scalars`).
+
+    `diverged`: a non-finite loss or a non-finite gradient count above 0 was recorded.
+    """
+    steps, losses = scalars.series(tags.LOSS)
+    finite = losses[np.isfinite(losses)]
+    nonfinite_grads = scalars.value[scalars.mask(_is_nonfinite_count)]
+    _, norm = scalars.series(tags.GLOBAL_NORM)
+    stc = steps_to_converge(steps, losses, converge_below, relative)
+    diverged = len(finite) < len(losses) or bool((nonfinite_grads > 0).any())
+    return Outcome(
+        steps=int(steps[-1]) + 1 if len(steps) else 0,
+        final_loss=float(losses[-1]) if len(losses) else None,
+        min_loss=float(finite.min()) if len(finite) else None,
+        steps_to_converge=stc,
+        converged=stc is not None and not diverged,
+        diverged=diverged,
+        grad_global_norm_final=float(norm[-1]) if len(norm) else None,
+        **_dead_fractions(scalars),
+    )
+
+
+def read_outcome(run_dir: Path, converge_below: float, relative: bool = False) -> tuple[Outcome, list[str]]:
+    """`outcome_of` the run folder's parquet parts, and the parts that could not be read."""
+    from gradwatch.storage.parquet import read_scalars
+
+    scalars = read_scalars(run_dir, keep=outcome_tag)
+    return outcome_of(scalars, converge_below, relative), scalars.unreadable
+
+
+def _dead_fractions(scalars) -> dict:
+    rows = scalars.mask(tags.is_dead_fraction)
+    if not rows.any():
+        return {}
+    steps, codes, values = scalars.step[rows], scalars.code[rows], scalars.value[rows]
+    _, index = np.unique(steps, return_inverse=True)
+    mean = np.bincount(index, weights=values) / np.bincount(index)  # over layers, per logged step
+    layers = {}
+    for code in sorted(set(codes.tolist()), key=lambda c: natural_key(scalars.names[c])):
+        layer = tags.layer_of(scalars.names[code])
+        mine = codes == code
+        layers[f"dead_fraction_final/{layer}"] = float(values[mine][np.argmax(steps[mine])])
+        layers[f"dead_fraction_max/{layer}"] = float(values[mine].max())
+    return {"dead_fraction_final": float(mean[-1]), "dead_fraction_max": float(mean.max()), "layers": layers}
+
+
+def natural_key(text: str) -> list:
+    """Sort key putting `act/2/...` before `act/10/...`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

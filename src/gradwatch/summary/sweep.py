@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
@@ -37,17 +39,18 @@ def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
     total = os.environ.get(TOTAL_ENV, "?")
     number = int(hydra_cfg.job.num) + 1
     loss = record.get("final_loss")
-    loss_text = "-" if loss is None else f"{loss:.6g}"
-    overrides = ",".join(record.get("overrides", [])) or "(defaults)"
-    line = f"[{number}/{total}] {overrides}  {record['status']}  final_loss={loss_text}"
+    loss_text = "-" if not isinstance(loss, int | float) else f"{loss:.6g}"
+    overrides = ",".join(record.get("overrides") or list(hydra_cfg.overrides.task)) or "(defaults)"
+    line = f"[{number}/{total}] {overrides}  {record.get('status', 'unknown')}  final_loss={loss_text}"
     if record.get("error") and record["status"] == "failed":
         line += f"  ({record['error']})"
     print(line, flush=True)
 
 
 class SweepCallback(Callback):
-    """Hydra callback: announces the sweep, caps torch threads for parallel launchers, and writes
-    the sweep summary (CSV, Markdown, plots) into the sweep folder when the sweep ends.
+    """Hydra callback: announces the sweep, caps torch threads for parallel launchers, prints one
+    line per finished run (from its run.json), and writes the sweep summary (CSV, Markdown,
+    plots) into the sweep folder when the sweep ends.
 
     Configured in conf/train.yaml under `hydra.callbacks`. The sweep exits non-zero when a run failed.
     """
@@ -61,6 +64,20 @@ class SweepCallback(Callback):
             # Parallel runs share the cores: one run's torch must not take them all.
             os.environ[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // jobs))
         print(f"gradwatch: sweep of {os.environ[TOTAL_ENV]} runs into {config.hydra.sweep.dir}", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        from gradwatch.storage.record import read_run
+
+        try:
+            record = read_run(config.hydra.runtime.output_dir)
+        except (OSError, ValueError) as err:
+            record = {"status": "unreadable", "error": f"run.json: {err}"}
+        if record.get("status") == "running":  # the job ended without recording why
+            error = job_return._return_value if isinstance(job_return._return_value, BaseException) else None
+            record = {**record, "status": "failed", "error": f"{type(error).__name__}: {error}" if error else None}
+        report_run(config.hydra, record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from gradwatch.summary.table import write_summary

@@ -4,30 +4,30 @@ Reads each run's `run.json` and its parquet metrics (never the TensorBoard event
 scripts/bench_summary.py). Runs that cannot be read are listed, never crash the summary.
 """
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradwatch.config.cli import split_override
+from gradwatch.config.cli import CONF_DIR
+from gradwatch.config.overrides import override_values
 from gradwatch.storage.files import write_atomic
-from gradwatch.storage.parquet import METRICS_DIR, Scalars, read_scalars
-from gradwatch.storage.record import RUN_FILE
-from gradwatch.summary.outcome import steps_to_converge
+from gradwatch.storage.parquet import read_scalars
+from gradwatch.storage.paths import RunPaths
+from gradwatch.storage.record import read_run
+from gradwatch.summary.outcome import Outcome, natural_key, outcome_of, outcome_tag
 from gradwatch.telemetry import tags
 
-# The summary's columns, in order (DESIGN.md, "Summary table"); swept keys go after `status`
-# and per-layer dead fractions after `dead_fraction_max`.
+# The summary's columns, in order (DESIGN.md, "Summary table"): swept keys go after `status`,
+# the outcome's fields after `seed`, per-layer dead fractions after `dead_fraction_max`.
 LEAD_COLUMNS = ["run_dir", "status"]
-RESULT_COLUMNS = ["seed", "steps", "final_loss", "min_loss", "steps_to_converge", "converged", "diverged",
-                  "dead_fraction_final", "dead_fraction_max"]
-TAIL_COLUMNS = ["grad_global_norm_final", "wall_s", "error"]
+_OUTCOME = Outcome.names()
+_SPLIT = _OUTCOME.index("dead_fraction_max") + 1
+RESULT_COLUMNS = ["seed", *_OUTCOME[:_SPLIT]]
+TAIL_COLUMNS = [*_OUTCOME[_SPLIT:], "wall_s", "error"]
 GROUPED_METRICS = ["final_loss", "min_loss", "steps_to_converge", "converged", "diverged",
                    "dead_fraction_final", "dead_fraction_max", "wall_s"]
 NOT_SWEPT = {"seed", "ckpt_path"}
@@ -49,18 +49,21 @@ class Summary:
         return self.runs.loc[self.runs["status"].isin(["failed", "interrupted"]), "run_dir"].tolist()
 
 
-DEFAULT_CONVERGE_BELOW = 1e-3
-
-
 def configured_thresholds(path: Path) -> tuple[float | None, bool | None]:
     """`summary.converge_below` and `summary.converge_relative` from a config file (a run's
-    .hydra/config.yaml, a sweep's multirun.yaml); None for what it does not say."""
+    .hydra/config.yaml, a sweep's multirun.yaml, conf/train.yaml); None for what it does not say."""
     try:
         summary = OmegaConf.load(path).get("summary") or {}
         below, relative = summary.get("converge_below"), summary.get("converge_relative")
         return (None if below is None else float(below)), (None if relative is None else bool(relative))
     except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
         return None, None
+
+
+def default_thresholds(conf_dir: Path = CONF_DIR) -> tuple[float, bool]:
+    """The defaults of conf/train.yaml, the one place they are set (for folders without a config)."""
+    below, relative = configured_thresholds(Path(conf_dir) / "train.yaml")
+    return (math.nan if below is None else below), bool(relative)
 
 
 def _first_set(*values):
@@ -70,8 +73,8 @@ def _first_set(*values):
 def find_runs(folder: Path) -> list[Path]:
     """Run folders under `folder` (itself included): those with a run.json, metrics or .hydra."""
     folder = Path(folder)
-    marks = [RUN_FILE, METRICS_DIR, ".hydra"]
-    found = {p.parent for mark in marks for p in folder.rglob(mark) if ".hydra" not in p.parent.parts}
+    marks = [RunPaths.RECORD, RunPaths.METRICS, RunPaths.HYDRA]
+    found = {p.parent for mark in marks for p in folder.rglob(mark) if RunPaths.HYDRA not in p.parent.parts}
     return sorted(found, key=lambda p: (len(p.parts), _run_number(p), str(p)))
 
 
@@ -80,47 +83,26 @@ def _run_number(path: Path) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def _parse_value(text: str):
+def _load(path: Path):
     try:
-        number = float(text)
-    except ValueError:
-        return text
-    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+        return OmegaConf.load(path) if path.is_file() else None
+    except (OSError, ValueError, OmegaConfBaseException):
+        return None
 
 
-def _overrides(record: dict, run_dir: Path) -> dict:
+def swept_values(record: dict, paths: RunPaths) -> dict:
+    """The value of each overridden key in this run: a group's choice by name (`.hydra/hydra.yaml`),
+    any other key from the resolved `.hydra/config.yaml`, else as typed."""
     items = record.get("overrides")
-    if items is None:
-        path = run_dir / ".hydra" / "overrides.yaml"
-        lines = path.read_text().splitlines() if path.exists() else []
-        items = [line.strip()[2:] for line in lines if line.startswith("- ")]
-    return {key: _parse_value(value) for key, value in filter(None, map(split_override, items))}
-
-
-def _summary_tag(tag: str) -> bool:
-    """The tags a summary row is made of."""
-    return tag in (tags.LOSS, tags.GLOBAL_NORM) or tags.is_dead_fraction(tag) or tag.endswith("/nonfinite")
-
-
-def _dead_columns(scalars: Scalars) -> dict:
-    rows = scalars.mask(tags.is_dead_fraction)
-    if not rows.any():
-        return {"dead_fraction_final": math.nan, "dead_fraction_max": math.nan}
-    steps, codes, values = scalars.step[rows], scalars.code[rows], scalars.value[rows]
-    logged, index = np.unique(steps, return_inverse=True)
-    mean = np.bincount(index, weights=values) / np.bincount(index)  # over layers, per logged step
-    row = {"dead_fraction_final": float(mean[-1]), "dead_fraction_max": float(mean.max())}
-    for code in sorted(set(codes.tolist()), key=lambda c: _natural(scalars.names[c])):
-        layer = tags.layer_of(scalars.names[code])
-        mine = codes == code
-        row[f"dead_fraction_final/{layer}"] = float(values[mine][np.argmax(steps[mine])])
-        row[f"dead_fraction_max/{layer}"] = float(values[mine].max())
-    return row
-
-
-def _natural(text: str) -> list:
-    """Sort key putting `act/2/...` before `act/10/...`."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    if not isinstance(items, list):
+        loaded = _load(paths.overrides)
+        items = list(loaded) if loaded is not None else []
+    hydra_node = _load(paths.hydra_config)
+    choices = OmegaConf.select(hydra_node, "hydra.runtime.choices", default=None) if hydra_node else None
+    try:
+        return override_values(items, _load(paths.config), choices)
+    except Exception:  # noqa: BLE001 - overrides Hydra cannot parse: no swept values for this run
+        return {}
 
 
 def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None, relative: bool | None = None,
@@ -128,16 +110,17 @@ def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None
     """One row of the summary and the run's loss curve; problems go into the row's `error`.
 
     The convergence threshold is `converge_below`/`relative` where given, else the run's own
-    config, else `fallback` (the sweep's), else the defaults.
+    config, else `fallback` (the sweep's, then conf/train.yaml's).
     """
-    own_below, own_relative = configured_thresholds(run_dir / ".hydra" / "config.yaml")
-    converge_below = _first_set(converge_below, own_below, fallback[0], DEFAULT_CONVERGE_BELOW)
-    relative = _first_set(relative, own_relative, fallback[1], False)
+    paths = RunPaths(run_dir)
+    own_below, own_relative = configured_thresholds(paths.config)
+    converge_below = _first_set(converge_below, own_below, fallback[0])
+    relative = _first_set(relative, own_relative, fallback[1])
     row: dict = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".", "status": "unknown"}
     problems = []
     record: dict = {}
     try:
-        record = json.loads((run_dir / RUN_FILE).read_text())
+        record = read_run(run_dir)
         row["status"] = record.get("status", "unknown")
         row["error"] = record.get("error")
         row["wall_s"] = record.get("wall_s")
@@ -145,33 +128,21 @@ def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None
         problems.append("no run.json")
     except (OSError, ValueError) as err:
         problems.append(f"run.json unreadable ({err})")
-    row["overrides"] = _overrides(record, run_dir)
+    row["overrides"] = swept_values(record, paths)
     row["seed"] = record.get("seed", row["overrides"].get("seed"))
 
-    scalars = read_scalars(run_dir, keep=_summary_tag)
+    scalars = read_scalars(run_dir, keep=outcome_tag)
+    outcome = outcome_of(scalars, converge_below, relative)
     problems += [f"metrics {p}" for p in scalars.unreadable]
-    steps, losses = scalars.series(tags.LOSS)
-    finite = losses[np.isfinite(losses)]
-    nonfinite_grads = scalars.value[scalars.mask(lambda tag: tag.endswith("/nonfinite"))]
-    _, norm = scalars.series(tags.GLOBAL_NORM)
-    stc = steps_to_converge(steps, losses, converge_below, relative)
-    diverged = row["status"] == "diverged" or len(finite) < len(losses) or bool((nonfinite_grads > 0).any())
-    row.update({
-        "steps": int(steps[-1]) + 1 if len(steps) else 0,
-        "final_loss": float(losses[-1]) if len(losses) else math.nan,
-        "min_loss": float(finite.min()) if len(finite) else math.nan,
-        "steps_to_converge": math.nan if stc is None else stc,
-        "converged": stc is not None and not diverged,
-        "diverged": diverged,
-        "grad_global_norm_final": float(norm[-1]) if len(norm) else math.nan,
-        **_dead_columns(scalars),
-    })
-    if not record and not len(scalars):
+    if row["status"] == "diverged" and not outcome.diverged:
+        outcome.diverged, outcome.converged = True, False
+    row.update(outcome.row())
+    if not record and not outcome.steps:
         row["status"] = "unreadable"
     if problems:
         row["error"] = "; ".join(filter(None, [row.get("error"), *problems]))
-    curve = pd.DataFrame({"run_dir": row["run_dir"], "step": steps, "loss": losses})
-    return row, curve
+    steps, losses = scalars.series(tags.LOSS)
+    return row, pd.DataFrame({"run_dir": row["run_dir"], "step": steps, "loss": losses})
 
 
 def grouped_view(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
@@ -193,13 +164,16 @@ def grouped_view(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
 def summarize(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
     """The summary of every run under `folder`; thresholds as in `summarize_run`."""
     folder = Path(folder)
-    fallback = configured_thresholds(folder / "multirun.yaml")
+    sweep_below, sweep_relative = configured_thresholds(folder / "multirun.yaml")
+    default_below, default_relative = default_thresholds()
+    fallback = (_first_set(sweep_below, default_below), _first_set(sweep_relative, default_relative))
     rows, curves, unreadable = [], [], []
     for run_dir in find_runs(folder):
         row, curve = summarize_run(run_dir, folder, converge_below, relative, fallback)
         rows.append(row)
         curves.append(curve)
-        if row["status"] == "unreadable" or "unreadable" in str(row.get("error") or ""):
+        if row["status"] == "unreadable" or "unreadable" in str(row.get("error") or "") \
+                or "metrics part-" in str(row.get("error") or ""):
             unreadable.append(row["run_dir"])
     overrides = [row.pop("overrides") for row in rows]
     all_keys = sorted({k for o in overrides for k in o} - NOT_SWEPT)
@@ -209,7 +183,7 @@ def summarize(folder: Path, converge_below: float | None = None, relative: bool 
     for row, o in zip(rows, overrides, strict=True):
         row.update({k: o.get(k) for k in keys})
     runs = pd.DataFrame(rows)
-    layer_columns = sorted((c for c in runs.columns if c.startswith("dead_fraction_") and "/" in c), key=_natural)
+    layer_columns = sorted((c for c in runs.columns if c.startswith("dead_fraction_") and "/" in c), key=natural_key)
     columns = LEAD_COLUMNS + keys + RESULT_COLUMNS + layer_columns + TAIL_COLUMNS
     runs = runs.reindex(columns=columns)
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["run_dir", "step", "loss"])

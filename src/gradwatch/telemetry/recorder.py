@@ -1,73 +1,108 @@
-"""The step recorder: each step's scalars as one TensorBoard event and one parquet row group.
+"""The step recorder: the one owner of a run's TensorBoard output, and of its parquet rows.
 
-Telemetry hands its numbers to `add()`; the recorder adds the loss and learning rate and writes
-everything once per step, so TensorBoard gets one event (not one per tag) and nothing is logged
-through `LightningModule.log`.
+Telemetry hands its numbers to `add()`; the recorder adds the loss, the learning rate and the
+module's `step_metrics` and writes everything once per step, so TensorBoard gets one event (not
+one per tag) and nothing is logged through `LightningModule.log`. The layout, histograms, hparams
+and text go into the same event file.
 """
 
 import math
 import time
 from pathlib import Path
+from typing import Protocol
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from gradwatch.config.errors import check_int
-from gradwatch.storage.events import EventFile
+from gradwatch.config.errors import ConfigError, check_int, is_number
+from gradwatch.storage.events import EventFile, histogram_summary, hparams_summaries, layout_summary, text_summary
 from gradwatch.storage.parquet import ParquetSink
 from gradwatch.telemetry import tags
 
-TB_DIR = "tb"  # <run dir>/tb: TensorBoard's folder (DESIGN.md, run folder)
 _HEAD = (tags.LOSS, tags.LR)
 
 
+class Sink(Protocol):
+    """Where a step's scalars go: `EventFile` (TensorBoard) and `ParquetSink`."""
+
+    def write(self, step: int, names: tuple[str, ...], values: np.ndarray) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class StepRecorder(pl.Callback):
-    """Records `train/loss`, `lr` and whatever telemetry adds, every step, to TensorBoard and parquet.
+    """Records `train/loss`, `lr`, the module's `step_metrics` and whatever telemetry adds, every
+    step, to one TensorBoard event file and (with `metrics_dir`) to parquet.
 
     Example::
 
-        logger = TensorBoardLogger(run_dir, name=TB_DIR, version="")
-        Trainer(callbacks=[StepRecorder(run_dir, logger)], logger=logger)
+        recorder = StepRecorder(run_dir / "tb", run_dir / "metrics")
+        Trainer(callbacks=[GradientTelemetry(recorder), recorder], logger=False)
 
-    Nothing is created on disk before training starts.
+    Nothing is created on disk before training starts. The hooks work when another callback
+    calls them directly (as a standalone `GradientTelemetry` does).
 
     Args:
-        run_dir: the run folder; the parquet parts go to `<run_dir>/metrics/`.
-        logger: a Lightning TensorBoardLogger; its SummaryWriter receives the events.
-        flush_every_n_steps, flush_every_s: flush both sinks when either is reached.
-        purge_from_step: on resume, drop parquet rows logged at or after this step.
+        tb_dir: TensorBoard's folder for this run.
+        metrics_dir: the parquet parts' folder; None writes TensorBoard only.
+        flush_every_n_steps, flush_every_s: flush the sinks when either is reached.
+        purge_from_step: on resume, drop what was logged at or after this step.
     """
 
-    def __init__(self, run_dir: Path, logger, flush_every_n_steps: int = 100, flush_every_s: float = 5.0,
-                 purge_from_step: int | None = None):
+    def __init__(self, tb_dir: Path, metrics_dir: Path | None = None, flush_every_n_steps: int = 100,
+                 flush_every_s: float = 5.0, purge_from_step: int | None = None):
         check_int("log.flush_every_n_steps", flush_every_n_steps, minimum=1)
-        self.run_dir = Path(run_dir)
-        self.logger = logger
+        if not is_number(flush_every_s) or not flush_every_s >= 0 or not math.isfinite(flush_every_s):
+            raise ConfigError("log.flush_every_s", flush_every_s, "a number >= 0 (seconds)")
+        self.tb_dir = Path(tb_dir)
+        self.metrics_dir = None if metrics_dir is None else Path(metrics_dir)
         self.purge_from_step = purge_from_step
-        self.sink: ParquetSink | None = None
         self.events: EventFile | None = None
+        self.sinks: list[Sink] = []
         self.flush_every_n_steps = flush_every_n_steps
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
         self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
         self._names: dict[tuple, tuple[str, ...]] = {}
+        self._metric_names: tuple[str, ...] = ()
         self._loss: torch.Tensor | None = None
         self._loss_step: int | None = None
+        self._written_step: int | None = None
         # What the run's record needs at the end.
         self.losses: list[tuple[int, float]] = []
         self._latest: dict[tuple[str, ...], np.ndarray] = {}
         self.divergence: dict | None = None
 
-    @property
-    def writer(self):
-        """The TensorBoard logger's SummaryWriter, for histograms, layouts and hparams."""
-        return self.logger.experiment
-
     # -- what telemetry calls -------------------------------------------------------------
     def add(self, names: tuple[str, ...], values: np.ndarray) -> None:
         """Values for this step's event; `names` is best the same tuple object every step."""
         self._pending.append((names, values))
+
+    def add_layout(self, layout: dict) -> None:
+        """TensorBoard's custom-scalars layout (`tags.custom_scalars_layout`); the latest one counts."""
+        self._open().add_summary(0, layout_summary(layout))
+
+    def add_histogram(self, tag: str, values, step: int) -> None:
+        self._open().add_summary(step, histogram_summary(tag, values))
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self._open().add_summary(step, text_summary(tag, text))
+
+    def add_hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
+        """The HParams tab's row: `hparams` (name -> bool, number or str) and `metrics` (tag -> value)."""
+        events = self._open()
+        for summary in hparams_summaries(hparams, list(metrics)):
+            events.add_summary(step, summary)
+        names = tuple(metrics)
+        events.write(step, names, np.array([metrics[n] for n in names], dtype=np.float64))
+
+    @property
+    def writer(self) -> "_WriterShim":
+        """Deprecated: `add_layout` and `add_histogram` instead (kept for callers of the old API)."""
+        return _WriterShim(self)
 
     @property
     def last(self) -> dict[str, float]:
@@ -82,29 +117,38 @@ class StepRecorder(pl.Callback):
             trainer.should_stop = True
 
     # -- Lightning hooks --------------------------------------------------------------------
+    def _open(self) -> EventFile:
+        """The sinks, created on first use (a hook or an `add_*` call)."""
+        if self.events is None:
+            self.events = EventFile(self.tb_dir, purge_from_step=self.purge_from_step)
+            self.sinks = [self.events]
+            if self.metrics_dir is not None:
+                self.sinks.append(ParquetSink(self.metrics_dir, purge_from_step=self.purge_from_step))
+        return self.events
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.events = EventFile(self.run_dir / TB_DIR, purge_from_step=self.purge_from_step)
-        self.sink = ParquetSink(self.run_dir, purge_from_step=self.purge_from_step)
+        self._open()
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         self._loss, self._loss_step = loss.detach(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._write_step(trainer)
+        self._write_step(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # The optimizer may have stepped before the interruption reached on_train_batch_end.
+        # The optimizer may have stepped before the interruption reached on_train_batch_end:
+        # the step is written, so the logs match the checkpoint saved at this global_step.
         if self._loss_step is not None and trainer.global_step > self._loss_step:
-            self._write_step(trainer)
+            self._write_step(trainer, pl_module)
         self.flush()
 
     def close(self) -> None:
-        """Flush both sinks and close the event file; the caller does it once fit has returned."""
-        if self.events is not None:
-            self.flush()
-            self.events.close()
+        """Flush the sinks and close them; the caller does it once fit has returned."""
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
 
-    # -- checkpointed state: the loss curve so far, so a resumed run reports on all of it ----
+    # -- checkpointed state -------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # A checkpoint never gets ahead of the logs: a resume from it purges the steps after it,
         # so everything before it must already be on disk.
@@ -128,23 +172,39 @@ class StepRecorder(pl.Callback):
         self.divergence = state_dict.get("divergence")
 
     # -- writing ------------------------------------------------------------------------------
-    def _write_step(self, trainer) -> None:
-        step, loss = self._loss_step, self._loss
-        if step is None or loss is None:
-            return
-        loss_value = float(loss)
+    def _head(self, trainer, pl_module) -> list[tuple[tuple[str, ...], np.ndarray]]:
+        """The loss, the learning rate and the module's step metrics, with one transfer to the host."""
+        metrics = getattr(pl_module, "step_metrics", None) or {}
+        if tuple(metrics) != self._metric_names:
+            self._metric_names = tuple(metrics)
+        tensors = [self._loss.reshape(()).to(torch.float64)]
+        tensors += [value.detach().reshape(()).to(device=self._loss.device, dtype=torch.float64)
+                    for value in metrics.values()]
+        values = torch.stack(tensors).cpu().numpy()
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
-        groups = [(_HEAD, np.array([loss_value, lr])), *self._pending]
-        self._pending = []
-        self._loss, self._loss_step = None, None
+        head = [(_HEAD, np.array([values[0], lr]))]
+        if self._metric_names:
+            head.append((self._metric_names, values[1:]))
+        return head
+
+    def _write_step(self, trainer, pl_module) -> None:
+        step = self._loss_step
+        if step is None or self._loss is None or step == self._written_step:
+            return
+        groups = [*self._head(trainer, pl_module), *self._pending]
         key = tuple(names for names, _ in groups)
         names = self._names.get(key)
         if names is None:
             names = self._names[key] = tuple(n for group in key for n in group)
         values = np.concatenate([v for _, v in groups])
 
-        self.events.add_scalars(step, names, values)
-        self.sink.write(step, names, values)
+        self._open()
+        for sink in self.sinks:
+            sink.write(step, names, values)
+        self._written_step = step
+        self._pending = []
+        self._loss, self._loss_step = None, None
+        loss_value = float(values[0])
         self.losses.append((step, loss_value))
         self._latest.update(groups)
         if not math.isfinite(loss_value):
@@ -154,8 +214,19 @@ class StepRecorder(pl.Callback):
             self.flush()
 
     def flush(self) -> None:
-        if self.sink is None:
-            return
-        self.sink.flush()
-        self.events.flush()
+        for sink in self.sinks:
+            sink.flush()
         self._last_flush = time.monotonic()
+
+
+class _WriterShim:
+    """The two SummaryWriter calls telemetry made on `recorder.writer`, routed to the recorder."""
+
+    def __init__(self, recorder: StepRecorder):
+        self._recorder = recorder
+
+    def add_custom_scalars(self, layout: dict) -> None:
+        self._recorder.add_layout(layout)
+
+    def add_histogram(self, tag: str, values, global_step: int) -> None:
+        self._recorder.add_histogram(tag, values, global_step)

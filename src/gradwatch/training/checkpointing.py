@@ -8,8 +8,11 @@ does exactly the three saves a resumable run needs, through `trainer.save_checkp
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+from torch import nn
 
-from gradwatch.config.errors import check_int
+from gradwatch.config.errors import ConfigError, check_int
+from gradwatch.storage.paths import RunPaths
 
 
 class LastCheckpoint(pl.Callback):
@@ -17,7 +20,7 @@ class LastCheckpoint(pl.Callback):
 
     Example::
 
-        Trainer(callbacks=[LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", every_n_steps=100)])
+        Trainer(callbacks=[LastCheckpoint(RunPaths(run_dir).last_ckpt, every_n_steps=100)])
     """
 
     def __init__(self, path: Path, every_n_steps: int):
@@ -42,3 +45,40 @@ class LastCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._save(trainer)
+
+
+def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint `ckpt_path` names: None, `last` (this run folder's) or a file."""
+    if value is None:
+        return None
+    path = RunPaths(run_dir).last_ckpt if value == "last" else Path(str(value))
+    if not path.is_file():
+        raise ConfigError("ckpt_path", value, f"null, `last` or an existing checkpoint file (no file at {path})")
+    return path
+
+
+def read_checkpoint(path: Path, value: str | None = None) -> dict:
+    """A checkpoint loaded with `weights_only=True`; a file that is not one is a ConfigError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        int(checkpoint["global_step"])
+        checkpoint["state_dict"].items()
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"[:120]
+        raise ConfigError("ckpt_path", value or str(path), f"a checkpoint written by gradwatch ({reason})") from None
+    return checkpoint
+
+
+def check_fits(checkpoint: dict, model: nn.Module, value: str, prefix: str = "model.") -> None:
+    """A ConfigError unless the checkpoint's weights have the configured model's names and shapes."""
+    saved = {k[len(prefix):]: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = next((k for k in wanted if k in saved and saved[k] != wanted[k]), None)
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    problem = "; ".join(filter(None, [
+        bad and f"{bad} has shape {list(saved[bad])} there, {list(wanted[bad])} in the configured model",
+        missing and f"no {', '.join(missing)} in the checkpoint",
+        extra and f"{', '.join(extra)} not in the model"]))
+    if problem:
+        raise ConfigError("ckpt_path", value, f"a checkpoint of the configured model ({problem})")
