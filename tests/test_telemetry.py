@@ -11,6 +11,7 @@ from gradwatch.storage.parquet import read_metrics
 from gradwatch.storage.record import read_run
 from gradwatch.telemetry.stats import activation_stats, gradient_stats
 
+import recorder_adapter  # noqa: F401 - TEMPORARY, until the records branch is merged
 from conftest import compose_cfg, read_tb, train
 
 
