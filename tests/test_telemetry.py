@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import recorder_adapter  # noqa: F401 - TEMPORARY, until the records branch is merged
 import torch
 
 from gradwatch.config.build import build
@@ -11,7 +12,6 @@ from gradwatch.storage.parquet import read_metrics
 from gradwatch.storage.record import read_run
 from gradwatch.telemetry.stats import activation_stats, gradient_stats
 
-import recorder_adapter  # noqa: F401 - TEMPORARY, until the records branch is merged
 from conftest import compose_cfg, read_tb, train
 
 

@@ -172,8 +172,8 @@ class GradientStats:
             centred.mul_(mask)  # padding is not a sample
         squares = centred.square_().sum(dim=1)
         norm = torch.linalg.vector_norm(x, dim=1)
-        # sign(|g|) is 1 for a non-zero value and NaN for NaN, which counts as non-zero (NaN != 0).
-        nonzero = magnitude.sign_().nan_to_num_(nan=1.0).sum(dim=1, dtype=count_dtype)
+        # NaN counts as non-zero (NaN != 0), but torch's sign(NaN) is 0: make it 1 first.
+        nonzero = magnitude.nan_to_num_(nan=1.0).sign_().sum(dim=1, dtype=count_dtype)
         # x - x is 0 for a finite x and NaN for inf and NaN.
         nonfinite = torch.sub(x, x, out=centred).nan_to_num_(nan=1.0).sum(dim=1, dtype=count_dtype)
         return (torch.stack([total, squares, norm, abs_max, scale], dim=1),
