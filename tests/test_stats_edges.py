@@ -167,7 +167,8 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch):
     recorder = Recorder()
     telemetry = GradientTelemetry(recorder)
     transfers = {"cpu": 0, "item": 0, "bool": 0}
-    real = {name: getattr(torch.Tensor, attr) for name, attr in (("cpu", "cpu"), ("item", "item"), ("bool", "__bool__"))}
+    hooks = (("cpu", "cpu"), ("item", "item"), ("bool", "__bool__"))
+    real = {name: getattr(torch.Tensor, attr) for name, attr in hooks}
 
     def counting(name):
         def call(self, *args, **kwargs):
@@ -178,7 +179,7 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch):
     def counted(hook):
         def run(*args, **kwargs):
             with monkeypatch.context() as patch:
-                for name, attr in (("cpu", "cpu"), ("item", "item"), ("bool", "__bool__")):
+                for name, attr in hooks:
                     patch.setattr(torch.Tensor, attr, counting(name))
                 return hook(*args, **kwargs)
         return run
