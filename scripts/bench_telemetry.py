@@ -143,7 +143,7 @@ def own_project_times(model: str, optimizer: str, variant: str, steps: int, fold
 
     torch.manual_seed(0)
     x = torch.rand(256, 2) * 2 - 1
-    batches = [(x, x.sum(dim=1, keepdim=True))]
+    batches = torch.utils.data.DataLoader([(x, x.sum(dim=1, keepdim=True))], batch_size=None)
     callbacks = [GradientTelemetry(), StepTimer()] if variant == "on" else [StepTimer()]
     trainer = pl.Trainer(max_steps=steps, logger=TensorBoardLogger(str(folder), name="own"), callbacks=callbacks,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
