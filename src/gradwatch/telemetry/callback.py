@@ -1,7 +1,9 @@
-"""The telemetry callback: gradient statistics and dead-ReLU rates, every N steps.
+"""The telemetry callback: gradient statistics, dead-ReLU rates and update ratios, every N steps.
 
-"What" lives in `gradwatch.telemetry.stats`; this adapter decides "when" and hands the numbers to the
-`StepRecorder`, which writes them with the step's loss as one event.
+"What" lives in `gradwatch.telemetry.stats`; this adapter decides "when" and hands the numbers to a
+`StepRecorder`, which writes them with the step's loss as one event. Inside gradwatch's pipeline
+the recorder is given; in any other Lightning project the callback makes its own, in the folder of
+the Trainer's TensorBoardLogger.
 """
 
 import logging
@@ -14,7 +16,7 @@ from torch import nn
 from gradwatch.config.errors import ConfigError, check_int
 from gradwatch.telemetry import tags
 from gradwatch.telemetry.recorder import StepRecorder
-from gradwatch.telemetry.stats import ActivationStats, GradientStats
+from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
 
 log = logging.getLogger(__name__)
 
@@ -28,153 +30,288 @@ def relu_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DEAD_UNIT_MODULES)]
 
 
+def network_of(pl_module: pl.LightningModule) -> nn.Module:
+    """Whose parameters and layers are named in the tags: gradwatch's own module wraps its network
+    as `model` (names `0.weight`); any other LightningModule is the network itself (`conv.weight`)."""
+    from gradwatch.training.module import GradwatchModule
+
+    return pl_module.model if isinstance(pl_module, GradwatchModule) else pl_module
+
+
 class GradientTelemetry(pl.Callback):
-    """Logs `grad/<param>/<stat>`, `grad/global_norm` and `act/<layer>/...` every `every_n_steps`.
+    """Logs `grad/<param>/<stat>`, `grad/global_norm`, `act/<layer>/...` and `update/<param>/ratio`
+    every `every_n_steps`, in any Lightning project.
 
-    Gradients are read in `on_before_optimizer_step`: the gradients of this step's loss, before
-    the update. Activations come from forward hooks on ReLU modules; when logging every N > 1
-    steps, the hooks exist only on the steps that log, so the other steps do no work at all.
+    Gradients are read in `on_before_optimizer_step` (after accumulation and AMP unscaling, before
+    clipping and the update), the weights there and again in `on_train_batch_end` (the update
+    ratio). Activations come from forward hooks on the ReLU modules, keyed by module: a module
+    called several times in a step has its calls concatenated along the batch dimension, so a unit
+    is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a
+    channel. When logging every N > 1 steps the hooks exist only on the steps that log. The
+    numbers of a step stay on the device until its end and come to the host in one transfer.
 
-    Example::
+    Example, in your own project (the callback writes into the logger's folder)::
 
-        recorder = StepRecorder(run_dir, logger)
+        from gradwatch import GradientTelemetry
+        Trainer(callbacks=[GradientTelemetry()], logger=TensorBoardLogger("logs"))
+
+    Inside gradwatch's pipeline it is handed the run's recorder::
+
+        recorder = StepRecorder(tb_dir, metrics_dir)
         Trainer(callbacks=[GradientTelemetry(recorder, every_n_steps=10), recorder])
 
     Args:
-        recorder: where the numbers go.
+        recorder: where the numbers go; None: a recorder of its own in the TensorBoardLogger's
+            `log_dir`, driven by this callback.
         every_n_steps: log on steps 0, n, 2n, ...
         activations: record dead/zero fractions of ReLU layers.
-        on_nonfinite: `warn` (log it, warn once per parameter) or `stop` (end the run as diverged).
+        on_nonfinite: `warn` (log it, warn once per parameter) or `stop` (end the run as diverged;
+            this reads the statistics before the update, a second transfer on logged steps).
         histograms_every_n_steps: also write gradient histograms this often (0: never).
     """
 
-    def __init__(self, recorder: StepRecorder, every_n_steps: int = 1, activations: bool = True,
+    def __init__(self, recorder: StepRecorder | None = None, every_n_steps: int = 1, activations: bool = True,
                  on_nonfinite: str = "warn", histograms_every_n_steps: int = 0):
         check_int("every_n_steps", every_n_steps, minimum=1)
         check_int("histograms_every_n_steps", histograms_every_n_steps, minimum=0, allowed="an integer >= 0 (0: never)")
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError("on_nonfinite", on_nonfinite, "one of " + ", ".join(ON_NONFINITE))
+        if not isinstance(activations, bool):
+            raise ConfigError("activations", activations, "true or false")
+        if recorder is not None and not callable(getattr(recorder, "add", None)):
+            raise ConfigError("recorder", type(recorder).__name__, "a StepRecorder, or None for one of its own")
         self.recorder = recorder
         self.every_n_steps = every_n_steps
         self.activations = activations
         self.on_nonfinite = on_nonfinite
         self.histograms_every_n_steps = histograms_every_n_steps
+        self._own_recorder = recorder is None
+        self._disabled = False
         self._warned: set[str] = set()
         self._active = False
+        self._recording = False
         self._hooks: list = []
-        self._outputs: list[torch.Tensor] = []
         self._layers: list[tuple[str, nn.Module]] = []
+        self._calls: list[list[torch.Tensor]] = []
+        self._step: int | None = None
+        self._named: list[tuple[str, torch.Tensor]] = []
+        self._pending: list[torch.Tensor] = []
+        self._pending_tags: list[tuple[str, ...]] = []
+        self._kept: list[torch.Tensor] | None = None
+        self._params: list[torch.Tensor] = []
         self._grad_key: tuple[str, ...] | None = None
         self._grad_stats: GradientStats | None = None
+        self._update: UpdateRatio | None = None
         self._grad_tags: tuple[str, ...] = ()
-        self._act_stats: ActivationStats | None = None
-        self._act_tags: tuple[str, ...] = ()
-        self._epoch_tags: tuple[str, ...] = ()
+        self._update_tags: tuple[str, ...] = ()
+        self._act_stats: dict[tuple, tuple[ActivationStats, tuple[str, ...], list[int]]] = {}
+        self._epoch_layers: list[int] | None = None
+        self._epoch_stats: ActivationStats | None = None
         self._fired_epoch: torch.Tensor | None = None
+        self._names_cache: dict[tuple, tuple[str, ...]] = {}
 
-    @staticmethod
-    def _network(pl_module: pl.LightningModule) -> nn.Module:
-        return getattr(pl_module, "model", pl_module)
+    # -- setup: the recorder of its own, in any Lightning project -------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not self._own_recorder or self.recorder is not None:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is None:
+            self._disabled = True
+            if trainer.is_global_zero:
+                log.warning("GradientTelemetry: no TensorBoardLogger in the Trainer's loggers, so nothing is "
+                            "recorded; add one: Trainer(logger=TensorBoardLogger('logs'), ...)")
+            return
+        self._disabled = not trainer.is_global_zero  # one process writes
+        if not self._disabled:
+            self.recorder = StepRecorder(tb_dir=logger.log_dir)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._own_recorder and self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
 
     # -- when ----------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._layers = relu_layers(self._network(pl_module)) if self.activations else []
-        self._act_tags = tuple(tags.act(name, stat) for name, _ in self._layers for stat in tags.ACT_STATS)
-        self._epoch_tags = tuple(tags.act(name, tags.ACT_EPOCH) for name, _ in self._layers)
+        if self._disabled:
+            return
+        if self._own_recorder:
+            self.recorder.on_fit_start(trainer, pl_module)
+        network = network_of(pl_module)
+        self._layers = relu_layers(network) if self.activations else []
+        self._calls = [[] for _ in self._layers]
         if self.every_n_steps == 1:
             self._add_hooks()  # every step logs: keep them for the whole fit
         # Written on every fit, resumes included: TensorBoard keeps the latest layout.
-        params = [n for n, p in self._network(pl_module).named_parameters() if p.requires_grad]
-        self.recorder.writer.add_custom_scalars(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
+        params = [n for n, p in network.named_parameters() if p.requires_grad]
+        self.recorder.add_layout(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
 
     def _add_hooks(self) -> None:
-        self._hooks = [m.register_forward_hook(self._keep_output) for _, m in self._layers]
+        self._hooks = [m.register_forward_hook(self._keeper(calls)) for (_, m), calls in zip(
+            self._layers, self._calls, strict=True)]
+
+    def _keeper(self, calls: list):
+        append = calls.append
+
+        def keep(module, inputs, output) -> None:
+            if self._recording:
+                append(output)
+
+        return keep
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
-    def _keep_output(self, module, inputs, output) -> None:
-        if module.training:
-            self._outputs.append(output)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._active = trainer.global_step % self.every_n_steps == 0
-        self._outputs = []
+        self._active = not self._disabled and trainer.global_step % self.every_n_steps == 0
+        for calls in self._calls:
+            calls.clear()
+        self._recording = self._active
         if self._active and self.every_n_steps > 1:
             self._add_hooks()
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if self._own_recorder and not self._disabled:
+            self.recorder.on_before_backward(trainer, pl_module, loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._active:
             return
-        self._active = False
+        self._active = self._recording = False
         if self.every_n_steps > 1:
             self._remove_hooks()
-        step = trainer.global_step
-        named = [(n, p.grad) for n, p in self._network(pl_module).named_parameters() if p.grad is not None]
+        self._step = step = trainer.global_step
+        named = [(n, p) for n, p in network_of(pl_module).named_parameters() if p.grad is not None]
+        self._named = named
         if named:
-            grad_values = self._gradient_values(named)
-            self.recorder.add(self._grad_tags, grad_values)
-            self._check_finite(trainer, step, named, grad_values)
-        if self._layers and len(self._outputs) == len(self._layers):
-            self.recorder.add(self._act_tags, self._activation_values())
-        self._outputs = []
+            self._add_gradient_stats(named)
+        if any(self._calls):
+            self._add_activation_stats()
         if self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0:
-            for name, grad in named:
-                self.recorder.writer.add_histogram(f"grad/{name}", grad.detach(), step)
+            for name, param in named:
+                self.recorder.add_histogram(tags.grad_histogram(name), param.grad.detach(), step)
+        if named and self.on_nonfinite == "stop":
+            # The update must not happen with a non-finite gradient: decide now, on the host.
+            names, values = self._step_names(), self._transfer()
+            self.recorder.add(names, values)
+            self._check_finite(trainer, step, values[: len(self._grad_tags)])
+        if named:
+            self._params = [p for _, p in named]
+            self._kept = self._update.before([p.detach() for p in self._params])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._step is not None:
+            self._finish_step(trainer, batch_idx)
+        elif self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
+            self._add_epoch_dead_fraction()
+            self.recorder.add(self._step_names(), self._transfer())
+        if self._own_recorder and not self._disabled:
+            self.recorder.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _finish_step(self, trainer, batch_idx: int) -> None:
+        step, self._step = self._step, None
+        if self._kept is not None:
+            self._pending.append(self._update(self._kept, [p.detach() for p in self._params]))
+            self._pending_tags.append(self._update_tags)
+            self._kept = None
+        if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
+            self._add_epoch_dead_fraction()
+        names, values = self._step_names(), self._transfer()  # the step's one device-to-host transfer
+        self.recorder.add(names, values)
+        if self._named and self.on_nonfinite == "warn":
+            self._check_finite(trainer, step, values[: len(self._grad_tags)])
+        self._named = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._own_recorder and self.recorder is not None:
+            self.recorder.on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict:
         # The units that fired so far this epoch, so a mid-epoch resume counts the whole epoch.
-        return {"fired_epoch": self._fired_epoch}
+        return {"fired_epoch": None if self._fired_epoch is None else self._fired_epoch.cpu()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._fired_epoch = state_dict.get("fired_epoch")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._fired_epoch is None or self._act_stats is None:
-            return
-        if batch_idx + 1 >= trainer.num_training_batches:
-            dead = self._act_stats.epoch_dead_fraction(self._fired_epoch).numpy()
-            self.recorder.add(self._epoch_tags, dead)
-            self._fired_epoch = None
+        self._epoch_layers = self._epoch_stats = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._remove_hooks()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._remove_hooks()
+        if self._own_recorder and self.recorder is not None:
+            self.recorder.on_exception(trainer, pl_module, exception)
+            self.recorder.close()
+            self.recorder = None
 
     # -- what -----------------------------------------------------------------------------------
-    def _gradient_values(self, named: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+    def _add_gradient_stats(self, named: list[tuple[str, torch.Tensor]]) -> None:
         key = tuple(n for n, _ in named)
         if key != self._grad_key:
             self._grad_key = key
-            self._grad_stats = GradientStats([g.numel() for _, g in named])
+            sizes = [p.numel() for _, p in named]
+            self._grad_stats, self._update = GradientStats(sizes), UpdateRatio(sizes)
             self._grad_tags = tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS) + (tags.GLOBAL_NORM,)
-        table = self._grad_stats([g for _, g in named])
-        # Per-parameter rows, then the global norm: one transfer to the host.
-        return torch.cat([table[:-1].reshape(-1), table[-1:, tags.GRAD_STATS.index("norm")]]).numpy()
+            self._update_tags = tuple(tags.update(n) for n in key)
+        table = self._grad_stats([p.grad for _, p in named])
+        # Per-parameter rows, then the global norm.
+        self._pending.append(torch.cat([table[:-1].reshape(-1), table[-1:, tags.GRAD_STATS.index("norm")]]))
+        self._pending_tags.append(self._grad_tags)
 
-    def _activation_values(self) -> np.ndarray:
-        if self._act_stats is None:
-            self._act_stats = ActivationStats([tuple(o.shape) for o in self._outputs])
-        rows, fired = self._act_stats(self._outputs)
-        if self._fired_epoch is None or self._fired_epoch.shape != fired.shape:
-            self._fired_epoch = fired  # a new epoch, or a checkpoint from another model
+    def _add_activation_stats(self) -> None:
+        present = [i for i, calls in enumerate(self._calls) if calls]
+        views = [unit_view(self._calls[i]) for i in present]
+        for calls in self._calls:
+            calls.clear()
+        key = (tuple(present), tuple((tuple(v.shape), v.dtype) for v in views))
+        if key not in self._act_stats:
+            act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
+            self._act_stats[key] = ActivationStats([tuple(v.shape) for v in views]), act_tags, present
+        stats, act_tags, _ = self._act_stats[key]
+        rows, fired = stats(views)
+        self._pending.append(rows.reshape(-1))
+        self._pending_tags.append(act_tags)
+        resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint
+        if self._fired_epoch is not None and resumed_or_same and self._fired_epoch.shape == fired.shape:
+            self._fired_epoch = self._fired_epoch.to(fired.device) | fired
         else:
-            self._fired_epoch = self._fired_epoch | fired
-        return rows.reshape(-1).numpy()
+            self._fired_epoch = fired  # a new epoch, or a checkpoint from another model
+        self._epoch_layers, self._epoch_stats = present, stats
 
-    def _check_finite(self, trainer, step: int, named, values: np.ndarray) -> None:
-        counts = values[:-1].reshape(len(named), len(tags.GRAD_STATS))[:, _NONFINITE]
+    def _add_epoch_dead_fraction(self) -> None:
+        fired, self._fired_epoch = self._fired_epoch, None
+        if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
+            return
+        self._pending.append(self._epoch_stats.epoch_dead_fraction(fired))
+        self._pending_tags.append(tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in self._epoch_layers))
+
+    def _step_names(self) -> tuple[str, ...]:
+        """This step's tags, one tuple object per combination (the recorder caches by it)."""
+        key = tuple(self._pending_tags)
+        names = self._names_cache.get(key)
+        if names is None:
+            names = self._names_cache[key] = tuple(n for group in key for n in group)
+        return names
+
+    def _transfer(self) -> np.ndarray:
+        """Everything pending as one float64 vector, brought to the host at once; clears it."""
+        pending, self._pending, self._pending_tags = self._pending, [], []
+        if not pending:
+            return np.empty(0)
+        return torch.cat(pending).cpu().numpy()
+
+    def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
+        counts = grad_values[:-1].reshape(len(self._named), len(tags.GRAD_STATS))[:, _NONFINITE]
         if not counts.any():
             return
-        bad = [name for (name, _), count in zip(named, counts, strict=True) if count > 0]
+        bad = [name for (name, _), count in zip(self._named, counts, strict=True) if count > 0]
         reason = f"non-finite gradient at step {step} in {', '.join(bad)}"
         if self.on_nonfinite == "stop":
             # Drop the gradients so this step's update leaves the weights (and last.ckpt) finite.
-            for param in self._network(trainer.lightning_module).parameters():
+            for param in network_of(trainer.lightning_module).parameters():
                 param.grad = None
             self.recorder.diverge(step, reason, trainer)
             return

@@ -3,6 +3,7 @@
 import re
 
 LOSS = "train/loss"
+ACCURACY = "train/accuracy"
 LR = "lr"
 GLOBAL_NORM = "grad/global_norm"
 
@@ -21,6 +22,15 @@ def act(layer: str, stat: str) -> str:
     return f"act/{layer}/{stat}"
 
 
+def update(param: str) -> str:
+    """The update-to-weight ratio of a step: ||theta after - theta before|| / ||theta before||."""
+    return f"update/{param}/ratio"
+
+
+def grad_histogram(param: str) -> str:
+    return f"grad/{param}"
+
+
 def custom_scalars_layout(params: list[str], layers: list[str]) -> dict:
     r"""TensorBoard's custom-scalars layout: one category per layer, one chart per statistic
     holding that layer's parameters (`0.weight` and `0.bias` together), and its activations.
@@ -36,6 +46,7 @@ def custom_scalars_layout(params: list[str], layers: list[str]) -> dict:
         layout[f"layer {layer}"] = {
             f"grad {stat}": ["Multiline", [re.escape(grad(n, stat)) for n in names]] for stat in GRAD_STATS
         }
+        layout[f"layer {layer}"]["update ratio"] = ["Multiline", [re.escape(update(n)) for n in names]]
     for layer in layers:
         layout.setdefault(f"layer {layer}", {})["activations"] = [
             "Multiline", [re.escape(act(layer, stat)) for stat in (*ACT_STATS, ACT_EPOCH)]]

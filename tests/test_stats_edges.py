@@ -1,0 +1,198 @@
+"""Statistics at the edges: any magnitude, half precision, any device, any call order."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.telemetry import tags
+from gradwatch.telemetry.callback import GradientTelemetry
+from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, activation_stats, gradient_stats
+
+STATS = tags.GRAD_STATS
+
+
+def reference(grad: torch.Tensor) -> list[float]:
+    """float64 torch, one reduction at a time."""
+    g = grad.double()
+    std = g.std().item() if g.numel() > 1 else 0.0
+    return [g.mean().item(), std, (g == 0).double().mean().item(), g.norm().item(), g.abs().max().item(),
+            float((~torch.isfinite(g)).sum())]
+
+
+@pytest.mark.parametrize("scale", [1e-38, 1e-30, 1e-20, 1.0, 1e20, 1e31, 1e38 / 8])
+def test_float32_gradients_at_any_magnitude_equal_float64(scale):
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 30) * scale, torch.randn(30) * scale, torch.randn(1) * scale, torch.zeros(5),
+             (torch.randn(3, 3) * scale).where(torch.rand(3, 3) > 0.5, 0.0)]
+    table = gradient_stats(grads)
+    for i, grad in enumerate(grads):
+        assert table[i].tolist() == pytest.approx(reference(grad), rel=1e-5, abs=0), (scale, i)
+        assert table[i, STATS.index("norm")] >= table[i, STATS.index("abs_max")]
+    expected = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+    assert table[-1, STATS.index("norm")].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_linear_model_on_inputs_of_extreme_scale():
+    # Vanishing and exploding gradients through a real backward pass: inputs at 1e-30 and 1e31.
+    for scale in (1e-30, 1e31):
+        torch.manual_seed(1)
+        model = nn.Linear(8, 1, bias=False)
+        x = torch.randn(16, 8) * scale
+        model(x).sum().backward()
+        (row,) = gradient_stats([model.weight.grad])[:1]
+        assert row.tolist() == pytest.approx(reference(model.weight.grad), rel=1e-5, abs=0)
+        assert math.isfinite(row[STATS.index("norm")]) and row[STATS.index("norm")] >= row[STATS.index("abs_max")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_widen_exactly(dtype):
+    torch.manual_seed(2)
+    # 4096 + 1 elements with 1221 zeros: a bf16 count would round the zero fraction.
+    grad = torch.randn(4097).to(dtype)
+    grad[torch.randperm(4097)[:1221]] = 0
+    row = gradient_stats([grad, torch.randn(4097).to(dtype)])[0]
+    assert row[STATS.index("zero_fraction")].item() == 1221 / 4097
+    assert row.tolist() == pytest.approx(reference(grad), rel=1e-5, abs=0)
+
+
+def test_nonfinite_counted_without_poisoning_the_rest():
+    table = gradient_stats([torch.tensor([float("inf"), 1.0, 0.0, float("nan")]), torch.tensor([3.0, -4.0])])
+    assert table[0, STATS.index("nonfinite")] == 2 and table[0, STATS.index("zero_fraction")] == 0.25
+    assert table[1].tolist() == pytest.approx(reference(torch.tensor([3.0, -4.0])))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_activation_fractions_exact_in_half_precision(dtype):
+    torch.manual_seed(3)
+    out = torch.relu(torch.randn(97, 211)).to(dtype)
+    out[:, :13] = 0  # 13 dead units
+    rows, fired = activation_stats([out])
+    assert rows[0, 0].item() == 13 / 211
+    assert rows[0, 1].item() == (out == 0).sum().item() / out.numel()
+    assert fired.tolist() == (out > 0).any(dim=0).tolist()
+
+
+def test_convolution_channels_are_units_and_calls_concatenate():
+    conv = torch.relu(torch.randn(4, 6, 5, 5))
+    conv[:, 2] = 0  # channel 2 never fires
+    conv[1:, 4] = 0  # channel 4 fires in sample 0 only: alive
+    rows, fired = activation_stats([conv])
+    assert rows[0].tolist() == [1 / 6, (conv == 0).sum().item() / conv.numel()]
+    assert fired.tolist() == [True, True, False, True, True, True]
+    # One module called twice: unit 0 fires only in the second call, so it is alive.
+    first, second = torch.zeros(3, 2), torch.tensor([[1.0, 0.0]])
+    rows, fired = activation_stats([[first, second]])
+    assert rows[0].tolist() == [0.5, 7 / 8] and fired.tolist() == [True, False]
+    # Calls with different positions are pooled too.
+    rows, _ = activation_stats([[torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 2, 2)]])
+    assert rows[0, 0] == 0.0
+
+
+def test_update_ratio_equals_the_weights_change():
+    w = [torch.randn(50, 40), torch.randn(40), torch.zeros(3), torch.randn(1)]
+    ratio = UpdateRatio([t.numel() for t in w])
+    kept = ratio.before(w)
+    after = [t + 0.01 * torch.randn_like(t) for t in w[:2]] + [w[2], w[3] * 2]
+    got = ratio(kept, after).tolist()
+    expected = [((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(after, w, strict=True)]
+    assert got[:2] == pytest.approx(expected[:2], rel=1e-5)
+    assert got[2] == 0.0 and got[3] == pytest.approx(1.0)  # unmoved zeros: 0, not NaN
+
+
+def test_statistics_on_meta_tensors_make_nothing_elsewhere():
+    # Shape inference only: any tensor made without the inputs' device would be CPU and raise.
+    grads = [torch.empty(s, device="meta") for s in ((32, 2), (32,), (32, 32), (32, 32), (1, 32), (1,))]
+    table = GradientStats([g.numel() for g in grads])(grads)
+    assert table.device.type == "meta" and table.shape == (len(grads) + 1, len(STATS))
+    half = [g.to(torch.bfloat16) for g in grads]
+    assert GradientStats([g.numel() for g in half])(half).device.type == "meta"
+    outs = [torch.empty(8, 32, device="meta"), [torch.empty(8, 4, 3, 3, device="meta")] * 2]
+    stats = ActivationStats([(8, 32), (16, 4, 9)])
+    rows, fired = stats(outs)
+    assert rows.device.type == fired.device.type == "meta" and rows.shape == (2, 2) and fired.shape == (36,)
+    assert stats.epoch_dead_fraction(fired).device.type == "meta"
+    ratio = UpdateRatio([g.numel() for g in grads])
+    assert ratio(ratio.before(grads), grads).device.type == "meta"
+
+
+class Reversed(nn.Module):
+    """ReLUs registered in the opposite order to their calls, and one ReLU called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.ReLU()
+        self.early = nn.ReLU()
+        self.twice = nn.ReLU()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = self.early(self.a(x))
+        h = self.late(self.b(h))
+        return self.c(self.twice(h) + self.twice(-h))
+
+
+def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch):
+    import lightning.pytorch as pl
+
+    torch.manual_seed(4)
+    net = Reversed()
+    with torch.no_grad():
+        net.a.bias[:2] = -100.0  # early: units 0 and 1 dead
+        net.b.bias[:] = -100.0  # late: every unit dead; so twice(h) and twice(-h) are all zero
+    x = torch.rand(8, 3)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def add(self, names, values):
+            self.steps.append(dict(zip(names, values.tolist(), strict=True)))
+
+        def add_layout(self, layout):
+            self.layout = layout
+
+    recorder = Recorder()
+    telemetry = GradientTelemetry(recorder)
+    transfers = {"cpu": 0, "item": 0, "bool": 0}
+    hooks = (("cpu", "cpu"), ("item", "item"), ("bool", "__bool__"))
+    real = {name: getattr(torch.Tensor, attr) for name, attr in hooks}
+
+    def counting(name):
+        def call(self, *args, **kwargs):
+            transfers[name] += 1
+            return real[name](self, *args, **kwargs)
+        return call
+
+    def counted(hook):
+        def run(*args, **kwargs):
+            with monkeypatch.context() as patch:
+                for name, attr in hooks:
+                    patch.setattr(torch.Tensor, attr, counting(name))
+                return hook(*args, **kwargs)
+        return run
+
+    for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+        setattr(telemetry, hook, counted(getattr(telemetry, hook)))
+    trainer = pl.Trainer(max_steps=2, callbacks=[telemetry], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader([x], batch_size=None))
+    assert transfers == {"cpu": 2, "item": 0, "bool": 0}  # one per logged step
+    step = recorder.steps[0]
+    early = (net.a(x) > 0).any(dim=0)
+    assert step["act/net.early/dead_fraction"] == (~early).sum().item() / 4 == 0.5
+    assert step["act/net.late/dead_fraction"] == 1.0
+    assert step["act/net.twice/dead_fraction"] == 1.0 and step["act/net.twice/zero_fraction"] == 1.0
+    assert step["update/net.a.weight/ratio"] == 0.0  # lr 0: nothing moved
