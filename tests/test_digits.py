@@ -11,8 +11,9 @@ from torch import nn
 from gradwatch.config.build import build
 from gradwatch.config.errors import ConfigError
 from gradwatch.storage.parquet import read_metrics
+from gradwatch.telemetry.tags import ACCURACY
 from gradwatch.training.data import digits
-from gradwatch.training.module import ACCURACY, GradwatchModule, accuracy
+from gradwatch.training.module import GradwatchModule, accuracy
 
 from conftest import compose_cfg, train
 

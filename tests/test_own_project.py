@@ -5,7 +5,6 @@ import copy
 
 import lightning.pytorch as pl
 import pytest
-import recorder_adapter  # noqa: F401 - TEMPORARY, until the records branch is merged
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

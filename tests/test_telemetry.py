@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import recorder_adapter  # noqa: F401 - TEMPORARY, until the records branch is merged
 import torch
 
 from gradwatch.config.build import build

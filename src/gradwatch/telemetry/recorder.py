@@ -100,11 +100,6 @@ class StepRecorder(pl.Callback):
         events.write(step, names, np.array([metrics[n] for n in names], dtype=np.float64))
 
     @property
-    def writer(self) -> "_WriterShim":
-        """Deprecated: `add_layout` and `add_histogram` instead (kept for callers of the old API)."""
-        return _WriterShim(self)
-
-    @property
     def last(self) -> dict[str, float]:
         """The latest value of every tag recorded so far."""
         return {n: float(v) for names, values in self._latest.items() for n, v in zip(names, values, strict=True)}
@@ -218,15 +213,3 @@ class StepRecorder(pl.Callback):
             sink.flush()
         self._last_flush = time.monotonic()
 
-
-class _WriterShim:
-    """The two SummaryWriter calls telemetry made on `recorder.writer`, routed to the recorder."""
-
-    def __init__(self, recorder: StepRecorder):
-        self._recorder = recorder
-
-    def add_custom_scalars(self, layout: dict) -> None:
-        self._recorder.add_layout(layout)
-
-    def add_histogram(self, tag: str, values, global_step: int) -> None:
-        self._recorder.add_histogram(tag, values, global_step)

@@ -6,9 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-# The accuracy tag. TODO(integration): use `tags.ACCURACY` from gradwatch.telemetry.tags once the
-# telemetry branch adds it there (tag names live only in tags.py); spelled here once until then.
-ACCURACY = "train/accuracy"
+from gradwatch.telemetry import tags
 
 # Losses whose outputs are class scores, and how a prediction is read from them (see `accuracy`).
 _MULTICLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -74,7 +72,7 @@ class GradwatchModule(pl.LightningModule):
         x, y = batch
         out = self.model(x)
         if self._classifies:
-            self.step_metrics[ACCURACY] = accuracy(self.loss_fn, out, y)
+            self.step_metrics[tags.ACCURACY] = accuracy(self.loss_fn, out, y)
         return self.loss_fn(out, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
