@@ -388,3 +388,50 @@ def _stalled(curves: Curves, improvement: float) -> list[Finding]:
     detail = (f"loss {_g(at_middle)} at step {int(steps[middle])} -> {_g(at_end)} at step {int(steps[-1])}: "
               f"{gained:.1%} better over the last half (under {improvement:.0%})")
     return [Finding("stalled", int(steps[middle]), "loss", detail)]
+
+
+# --- a sweep in words (summary.md) ----------------------------------------------------------------
+
+# What the "what happened" section names, most serious first: (codes, what it is called).
+HAPPENINGS = ((("diverged",), "runs diverged"), (("dead_layer", "dying_relu"), "ReLUs died"),
+              (("vanishing_gradients",), "gradients vanished"), (("exploding_gradients",), "gradients exploded"),
+              (("stalled",), "the loss stalled"))
+
+
+def what_happened(runs: pd.DataFrame, swept: Sequence[str], most: int = 8) -> list[str]:
+    """Markdown lines naming the settings where runs diverged, ReLUs died, gradients vanished or
+    exploded, or the loss stalled, from the runs table's `findings` column (codes joined by `,`).
+
+    Each line counts the runs per setting (`3/3` = every seed), names at most `most` settings,
+    and says which swept values all those settings share (`all with optimizer.lr=0.2`).
+    """
+    if not len(runs) or "findings" not in runs:
+        return []
+    keys = [k for k in swept if k in runs.columns]
+    setting = (runs[keys].astype(str).apply(lambda r: ", ".join(f"{k}={v}" for k, v in r.items()), axis=1)
+               if keys else pd.Series("all runs", index=runs.index))
+    codes_of = runs["findings"].fillna("").astype(str).str.split(",")
+    total = setting.value_counts()
+    lines, nowhere = [], []
+    for wanted, name in HAPPENINGS:
+        hit = codes_of.map(lambda found, wanted=wanted: any(c in found for c in wanted)).astype(bool)
+        if not hit.any():
+            nowhere.append(name)
+            continue
+        counts = setting[hit].value_counts()
+        order = sorted(counts.index, key=lambda s: (-counts[s] / total[s], list(setting).index(s)))
+        named = [f"{s} ({counts[s]}/{total[s]})" for s in order[:most]]
+        more = f", and {len(order) - most} more" if len(order) > most else ""
+        shared = _shared_values(runs.loc[hit, keys], runs[keys]) if keys and len(counts) > 1 else ""
+        lines.append(f"- **{name[0].upper() + name[1:]}** in {len(counts)} of {len(total)} settings "
+                     f"({int(hit.sum())} of {len(runs)} runs){shared}: {'; '.join(named)}{more}.")
+    if nowhere:
+        lines.append(f"- Nowhere: {', '.join(nowhere)}.")
+    return lines
+
+
+def _shared_values(flagged: pd.DataFrame, every: pd.DataFrame) -> str:
+    """`, all with k=v` for the swept keys on which every flagged run agrees (and the sweep does not)."""
+    common = [f"{k}={flagged[k].astype(str).iloc[0]}" for k in flagged.columns
+              if flagged[k].astype(str).nunique() == 1 and every[k].astype(str).nunique() > 1]
+    return f", all with {', '.join(common)}" if common else ""

@@ -76,9 +76,11 @@ def layout(summary) -> Layout:
     runs = summary.runs
     keys = swept_keys(summary)
     counts = {k: runs[k].astype(str).nunique() for k in keys}
-    fitting = [k for k in keys if counts[k] <= MAX_LINES]
+    # Lines: the key with most values that fit a panel, a numeric one on a tie (a color ramp reads well).
+    fitting = sorted((k for k in keys if counts[k] <= MAX_LINES),
+                     key=lambda k: (-counts[k], not _numeric(list(runs[k].astype(str).unique()))))
     line_key = (fitting or keys or [None])[0]
-    facets = [k for k in keys if k != line_key]
+    facets = [k for k in summary.swept if k in keys and k != line_key]
     frame = pd.DataFrame({"run_dir": runs["run_dir"].astype(str)})
     frame["line"] = runs[line_key].astype(str).to_numpy() if line_key else "all runs"
     label = [", ".join(f"{_short(k)}={v}" for k, v in zip(facets, row, strict=True))
