@@ -37,6 +37,7 @@ REPORT_FILE, HEATMAP_FILE, DEAD_FILE, GRADIENTS_FILE = (
     "report.png", "report_heatmap.png", "report_dead.png", "report_gradients.png")
 MAX_LINES = 12  # lines a panel can hold and still be told apart
 MAX_POINTS = 400  # points per curve: enough for the eye, cheap to draw at 200 runs
+SMOOTH = 40  # dead fractions: rolling mean over 1/SMOOTH of a run's logged steps
 _PANEL_W, _PANEL_H, _DPI = 3.4, 2.5, 90
 
 
@@ -54,11 +55,13 @@ class Layout:
 
 
 def _sort_key(value) -> tuple:
-    """Numbers by value, then everything else as text with natural number order."""
+    """Numbers by value, lists (`[16,16]`) by length then items, text in natural number order."""
     try:
         return (0, float(value), "")
     except (TypeError, ValueError):
-        return (1, 0.0, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(value))])
+        text = str(value)
+        parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+        return (1, float(text.count(",")) if text.startswith("[") else 0.0, parts)
 
 
 def _short(key: str) -> str:
@@ -215,7 +218,8 @@ def heatmap_data(summary) -> tuple[str, pd.DataFrame]:
 
 def dead_fraction_curves(plan: Layout, metrics_by_run: Mapping) -> pd.DataFrame:
     """panel, line, step, dead_fraction: the mean dead fraction over a run's ReLU layers per
-    step, median over the seeds of each setting; empty when no run has ReLU layers."""
+    step (a rolling mean over 1/SMOOTH of its steps), median over the seeds of each setting;
+    empty when no run has ReLU layers."""
     parts = []
     for run_dir, metrics in metrics_by_run.items():
         curves = _curves(metrics)
@@ -229,6 +233,9 @@ def dead_fraction_curves(plan: Layout, metrics_by_run: Mapping) -> pd.DataFrame:
         else:  # layers logged on different steps: align by step
             mean = pd.concat([pd.Series(v, index=s) for s, v in series], axis=1).mean(axis=1)
             steps, mean = mean.index.to_numpy(), mean.to_numpy()
+        # A per-batch fraction flickers (a unit silent on one batch): a short rolling mean shows the trend.
+        window = max(1, round(len(mean) / SMOOTH))
+        mean = pd.Series(mean).rolling(window, center=True, min_periods=1).mean().to_numpy()
         keep = _thin(steps)
         parts.append(pd.DataFrame({"run_dir": run_dir, "step": steps[keep], "dead_fraction": mean[keep]}))
     if not parts:
@@ -402,7 +409,9 @@ def draw_heatmap(summary) -> bytes:
     fig.subplots_adjust(left=1.1 / width, right=1 - 1.3 / width, top=1 - 0.6 / height, bottom=0.75 / height,
                         wspace=0.5, hspace=0.6)
     if image is not None:
-        fig.colorbar(image, cax=fig.add_axes((1 - 1.0 / width, 0.2, 0.15 / width, 0.6)), label=label)
+        bar = fig.colorbar(image, cax=fig.add_axes((1 - 1.0 / width, 0.2, 0.15 / width, 0.6)), label=label)
+        bar.ax.yaxis.set_major_formatter(_PLAIN)
+        bar.ax.yaxis.set_minor_formatter(_PLAIN if metric != "converged" else bar.ax.yaxis.get_minor_formatter())
     fig.suptitle(f"{label} ({len(summary.runs)} runs; grey: no value; 'div': diverged runs)", fontsize=10)
     return _png(fig)
 
@@ -420,7 +429,8 @@ def draw_dead(summary, plan: Layout, metrics_by_run) -> bytes | None:
         ax.set_title(panel, fontsize=8)
     axes[0].set_ylim(-0.03, 1.03)
     axes[0].yaxis.set_major_locator(MaxNLocator(3))
-    return _finish(fig, plan, colors, "Dead ReLU units per setting (median over seeds; 1 = every unit dead)")
+    return _finish(fig, plan, colors,
+                   "Dead ReLU units per setting (median over seeds, lightly smoothed; 1 = every unit dead)")
 
 
 def draw_gradients(summary, plan: Layout, metrics_by_run) -> bytes | None:
