@@ -21,6 +21,7 @@ from gradwatch.summary.findings import (
     diagnosis_tag,
     headline,
     verdict,
+    what_happened,
 )
 
 from conftest import CONF, read_tb, train
@@ -319,3 +320,31 @@ def test_reading_all_tags_or_only_the_diagnosis_tags_finds_the_same(run_dir):
 def test_slow_linear_progress_is_not_stalled(run_dir, lr):
     findings = fate([*LINE, f"optimizer.lr={lr}"], run_dir)
     assert codes(findings) == ""
+
+
+def test_what_happened_names_the_settings_and_what_they_share():
+    runs = pd.DataFrame({
+        "model": ["mlp"] * 4 + ["linear"] * 4,
+        "optimizer.lr": [0.1, 0.1, 1.0, 1.0] * 2,
+        "findings": ["dead_layer,stalled", "dying_relu", "dead_layer", "", "converged", "converged",
+                     "diverged,exploding_gradients", "diverged"],
+    })
+    lines = what_happened(runs, ["model", "optimizer.lr"])
+    assert lines == [
+        "- **Runs diverged** in 1 of 4 settings (2 of 8 runs): model=linear, optimizer.lr=1.0 (2/2).",
+        "- **ReLUs died** in 2 of 4 settings (3 of 8 runs), all with model=mlp: "
+        "model=mlp, optimizer.lr=0.1 (2/2); model=mlp, optimizer.lr=1.0 (1/2).",
+        "- **Gradients exploded** in 1 of 4 settings (1 of 8 runs): model=linear, optimizer.lr=1.0 (1/2).",
+        "- **The loss stalled** in 1 of 4 settings (1 of 8 runs): model=mlp, optimizer.lr=0.1 (1/2).",
+        "- Nowhere: gradients vanished.",
+    ]
+    assert what_happened(runs, ["model", "optimizer.lr"], most=1)[1].endswith("(2/2), and 1 more.")
+    assert what_happened(runs.drop(columns="findings"), []) == []
+
+
+def test_a_dead_layer_is_not_also_vanishing_gradients():
+    # Layer 1 dies at step 2: from then on 0.weight gets no gradient, which is the dead layer's doing.
+    curves = {"train/loss": [1.0] * 6, "grad/0.weight/norm": [1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+              "grad/2.weight/norm": [1.0] * 6, "act/1/dead_fraction": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]}
+    result = found(curves)
+    assert "vanishing_gradients" not in result and result["dead_layer"][0].step == 2
