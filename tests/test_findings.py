@@ -338,7 +338,8 @@ def test_what_happened_names_the_settings_and_what_they_share():
         "- **The loss stalled** in 1 of 4 settings (1 of 8 runs): model=mlp, optimizer.lr=0.1 (1/2).",
         "- Nowhere: gradients vanished.",
     ]
-    assert what_happened(runs, ["model", "optimizer.lr"], most=1)[1].endswith("(2/2), and 1 more.")
+    assert what_happened(runs, ["model", "optimizer.lr"], most=1)[1].endswith(
+        "(2/2), and 1 more; by model: mlp 3/4, linear 0/4.")
     assert what_happened(runs.drop(columns="findings"), []) == []
 
 

@@ -423,6 +423,8 @@ def what_happened(runs: pd.DataFrame, swept: Sequence[str], most: int = 8) -> li
         named = [f"{s} ({counts[s]}/{total[s]})" for s in order[:most]]
         more = f", and {len(order) - most} more" if len(order) > most else ""
         shared = _shared_values(runs.loc[hit, keys], runs[keys]) if keys and len(counts) > 1 else ""
+        if more:  # too many to name: the swept key that tells them apart best
+            more += _by_key(runs[keys], hit)
         lines.append(f"- **{name[0].upper() + name[1:]}** in {len(counts)} of {len(total)} settings "
                      f"({int(hit.sum())} of {len(runs)} runs){shared}: {'; '.join(named)}{more}.")
     if nowhere:
@@ -435,3 +437,17 @@ def _shared_values(flagged: pd.DataFrame, every: pd.DataFrame) -> str:
     common = [f"{k}={flagged[k].astype(str).iloc[0]}" for k in flagged.columns
               if flagged[k].astype(str).nunique() == 1 and every[k].astype(str).nunique() > 1]
     return f", all with {', '.join(common)}" if common else ""
+
+
+def _by_key(values: pd.DataFrame, hit: pd.Series) -> str:
+    """`; by model.bias_init: -3.0 40/40, ...`: the runs hit per value of the key whose share
+    of hit runs varies most between its values."""
+    best, spread = "", 0.0
+    for key in values.columns:
+        groups = hit.groupby(values[key].astype(str), sort=False)
+        share = groups.mean()
+        if share.max() - share.min() > spread:
+            spread = share.max() - share.min()
+            counts = groups.agg(["sum", "size"]).sort_values("sum", ascending=False)
+            best = f"; by {key}: " + ", ".join(f"{v} {int(r['sum'])}/{int(r['size'])}" for v, r in counts.iterrows())
+    return best
