@@ -1,0 +1,351 @@
+"""Findings and verdicts: hand-built curves with known answers, then real runs whose fate is known."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from gradwatch.storage.parquet import read_metrics
+from gradwatch.summary.findings import (
+    NO_VERDICT,
+    VERDICT_ORDER,
+    Curves,
+    Finding,
+    Thresholds,
+    as_markdown,
+    codes,
+    diagnose,
+    diagnose_run,
+    diagnosis_tag,
+    headline,
+    verdict,
+    what_happened,
+)
+
+from conftest import CONF, read_tb, train
+
+LIMITS = Thresholds(dying_rise=0.25, vanishing_ratio=1e-3, exploding_factor=100.0, stall_improvement=0.01,
+                    converge_below=1e-3, converge_relative=False)
+
+
+def frame(curves: dict[str, list[float]], categorical: bool = True) -> pd.DataFrame:
+    """The long format the parquet sink writes: step by step, tags in the given (network) order."""
+    rows = [(step, tag, values[step]) for step in range(max(map(len, curves.values())))
+            for tag, values in curves.items() if step < len(values)]
+    metrics = pd.DataFrame(rows, columns=["step", "tag", "value"])
+    if categorical:
+        metrics["tag"] = pd.Categorical(metrics["tag"], categories=sorted(curves))  # not network order
+    return metrics
+
+
+def found(curves: dict[str, list[float]], limits: Thresholds = LIMITS, **kwargs) -> dict[str, list[Finding]]:
+    by_code: dict[str, list[Finding]] = {}
+    for finding in diagnose(frame(curves), limits, **kwargs):
+        by_code.setdefault(finding.code, []).append(finding)
+    return by_code
+
+
+# --- converged and stalled -------------------------------------------------------------------
+
+def test_converged_at_the_first_step_at_or_below_the_threshold():
+    result = found({"train/loss": [4.0, 1.0, 0.01, 0.001, 0.0001]})
+    assert list(result) == ["converged"]
+    assert result["converged"] == [Finding("converged", 3, "loss", "loss 0.001 at step 3, at or below 0.001")]
+
+
+def test_converged_relative_to_the_step_zero_loss():
+    limits = Thresholds(**{**LIMITS.__dict__, "converge_below": 0.01, "converge_relative": True})
+    result = found({"train/loss": [4.0, 1.0, 0.04, 0.03]}, limits)
+    assert result["converged"][0].step == 2
+    assert "at or below 0.04 (0.01 x the step-0 loss)" in result["converged"][0].detail
+
+
+def test_stalled_when_the_last_half_gains_under_the_threshold():
+    # 20 steps: the middle is the median of steps 8-10, the end the median of steps 17-19.
+    loss = [10.0] * 5 + [2.0] * 4 + [1.0] * 3 + [0.995] * 8
+    assert found({"train/loss": loss})["stalled"] == [
+        Finding("stalled", 10, "loss",
+                "loss 1 at step 10 -> 0.995 at step 19: 0.5% better over the last half (under 1%)")]
+    loss[9] = 2.0  # the middle is now 2: half better since
+    assert "stalled" not in found({"train/loss": loss})
+
+
+def test_stalled_uses_relative_improvement_over_the_last_half():
+    steps = 20
+    gain_2pct = [1.0] * 10 + list(np.linspace(1.0, 0.98, 10))
+    assert "stalled" not in found({"train/loss": gain_2pct})
+    gain_half_pct = [1.0] * 10 + list(np.linspace(1.0, 0.995, 10))
+    (stalled,) = found({"train/loss": gain_half_pct})["stalled"]
+    assert stalled.step == 10 and len(gain_half_pct) == steps
+    assert "0.4% better over the last half (under 1%)" in stalled.detail  # median of the last 3
+
+
+def test_a_converged_run_is_not_stalled_however_flat_its_end():
+    assert list(found({"train/loss": [1.0, 1e-4, 1e-4, 1e-4]})) == ["converged"]
+
+
+# --- diverged --------------------------------------------------------------------------------
+
+def test_diverged_on_the_loss_alone_names_the_loss():
+    result = found({"train/loss": [1.0, 2.0, math.inf, math.nan], "grad/0.weight/norm": [1.0, 2.0, 3.0, 4.0],
+                    "grad/0.weight/nonfinite": [0, 0, 0, 0]})
+    assert result["diverged"] == [Finding("diverged", 2, "loss", "loss inf at step 2 (last finite loss 2 at step 1)")]
+    assert "converged" not in result and "stalled" not in result
+
+
+def test_diverged_names_the_first_parameter_in_network_order_that_went_nonfinite():
+    curves = {"train/loss": [1.0, 2.0, 3.0, math.nan],
+              "grad/0.weight/norm": [1.0, 1.0, math.inf, math.nan], "grad/0.weight/nonfinite": [0, 0, 2, 4],
+              "grad/2.weight/norm": [1.0, 1.0, math.inf, math.nan], "grad/2.weight/nonfinite": [0, 0, 1, 4],
+              "grad/10.weight/norm": [1.0, math.nan, 1.0, 1.0], "grad/10.weight/nonfinite": [0, 1, 0, 0]}
+    (diverged,) = found(curves)["diverged"]
+    # 10.weight went first (step 1), though it sorts before 2.weight as text and comes last in the net.
+    assert (diverged.step, diverged.where) == (1, "10.weight")
+    assert diverged.detail == "gradient 10.weight went non-finite at step 1 (1 non-finite values); loss 2"
+    curves["grad/10.weight/norm"][1], curves["grad/10.weight/nonfinite"][1] = 1.0, 0
+    (diverged,) = found(curves)["diverged"]
+    assert (diverged.step, diverged.where) == (2, "0.weight")  # both at step 2: the first in the network
+
+
+def test_a_nonfinite_gradient_statistic_counts_without_a_nonfinite_count():
+    (diverged,) = found({"train/loss": [1.0, 1.0, 1.0], "grad/0.weight/norm": [1.0, 1.0, 1.0],
+                         "grad/0.bias/norm": [1.0, math.inf, 1.0]})["diverged"]
+    assert (diverged.step, diverged.where) == (1, "0.bias")
+
+
+def test_findings_after_divergence_ignore_the_nan_artefacts():
+    # NaN activations look like dead units (ReLU(NaN) never fires): not a dead layer.
+    result = found({"train/loss": [1.0, 0.5, math.nan, math.nan], "act/1/dead_fraction": [0.0, 0.0, 1.0, 1.0]})
+    assert list(result) == ["diverged"]
+
+
+# --- dead layers and dying ReLUs ------------------------------------------------------------------
+
+def test_dead_layer_from_the_step_it_stayed_dead():
+    curves = {"train/loss": [1.0] * 7,
+              "act/1/dead_fraction": [0.25, 0.5, 1.0, 0.75, 1.0, 1.0, 1.0],
+              "act/3/dead_fraction": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.5]}
+    result = found(curves)
+    assert result["dead_layer"] == [
+        Finding("dead_layer", 4, "1", "layer 1: all units dead from step 4 (0.25 at step 0)")]
+    assert result["dying_relu"][0].where == "3"  # layer 1's death is not repeated as dying
+    (dead,) = found(curves, units={"1": 16})["dead_layer"]
+    assert dead.detail == "layer 1: 16 of 16 units dead from step 4 (0.25 at step 0)"
+
+
+def test_dead_layer_from_step_zero():
+    (dead,) = found({"train/loss": [1.0, 0.9], "act/1/dead_fraction": [1.0, 1.0]})["dead_layer"]
+    assert dead.step == 0
+
+
+def test_dying_relu_when_the_end_is_a_rise_above_step_zero():
+    # 20 steps: the end is the median of the last three, the rise counted from step 0.
+    rising = [0.1, 0.1, 0.2, 0.4, 0.3] + [0.4] * 15
+    below = [0.1] + [0.3] * 19
+    result = found({"train/loss": [1.0] * 20, "act/1/dead_fraction": rising, "act/3/dead_fraction": below})
+    (dying,) = result["dying_relu"]
+    assert (dying.step, dying.where) == (3, "1")
+    assert dying.detail == ("layer 1: dead fraction 0.1 at step 0 -> 0.4 at the end "
+                            "(rose by 0.3; first up by 0.25 at step 3)")
+
+
+def test_one_noisy_batch_at_the_end_is_not_a_dying_layer():
+    noisy_end = [0.0] * 19 + [0.5]
+    assert "dying_relu" not in found({"train/loss": [1.0] * 20, "act/1/dead_fraction": noisy_end})
+
+
+# --- gradients --------------------------------------------------------------------------------
+
+def test_vanishing_gradients_compare_the_first_and_last_weight_on_the_median_step():
+    steps = 5
+    last = [1.0, 2.0, 4.0, 0.0, 8.0]
+    first = [1e-5, 2e-5, 4.0, 1.0, 8e-5]  # step 2 has ratio 1; step 3 has no last-layer gradient
+    curves = {"train/loss": [1.0] * steps,
+              "grad/0.weight/norm": first, "grad/0.bias/norm": [1.0] * steps,
+              "grad/2.weight/norm": [1.0] * steps,
+              "grad/4.weight/norm": last, "grad/4.bias/norm": [1e-9] * steps}  # last *weight*, not bias
+    (vanishing,) = found(curves)["vanishing_gradients"]
+    assert (vanishing.step, vanishing.where) == (0, "0.weight")
+    assert vanishing.detail == ("0.weight gradient norm is 1e-05 x 4.weight's (median over 4 steps; "
+                                "below 0.001 from step 0)")
+    curves["grad/0.weight/norm"] = [1e-3 * v for v in last]  # exactly the ratio: not below it
+    assert "vanishing_gradients" not in found(curves)
+
+
+def test_one_weight_has_nothing_to_vanish_against():
+    assert "vanishing_gradients" not in found({"train/loss": [1.0, 1.0], "grad/0.weight/norm": [0.0, 0.0]})
+
+
+def test_exploding_gradients_past_the_factor_times_step_zero():
+    curves = {"train/loss": [1.0] * 5, "grad/0.weight/norm": [1.0, 1.0, 1.0, 100.0, 1.0],
+              "grad/2.weight/norm": [1.0, 1.0, 1.0, 180.0, 1.0],
+              "grad/global_norm": [2.0, 3.0, 50.0, 201.0, 1000.0]}
+    (exploding,) = found(curves)["exploding_gradients"]
+    assert (exploding.step, exploding.where) == (3, "2.weight")
+    assert exploding.detail == "global gradient norm 201 at step 3, 100 x its step-0 value 2 (largest: 2.weight)"
+    curves["grad/global_norm"] = [2.0, 3.0, 50.0, 200.0, 199.0]
+    assert "exploding_gradients" not in found(curves)
+
+
+def test_exploding_measures_from_the_first_positive_norm():
+    (exploding,) = found({"train/loss": [1.0] * 4, "grad/global_norm": [0.0, 1.0, 50.0, 150.0]})[
+        "exploding_gradients"]
+    assert exploding.step == 3 and "x its step-1 value 1" in exploding.detail
+
+
+# --- verdict, codes, reading ------------------------------------------------------------------
+
+def test_verdict_order():
+    every = [Finding(code, 0, "x", "") for code in reversed(VERDICT_ORDER)]
+    for i, code in enumerate(VERDICT_ORDER):
+        assert verdict([f for f in every if f.code not in VERDICT_ORDER[:i]]) == code
+    assert verdict([]) == NO_VERDICT == "none"
+    assert VERDICT_ORDER == ("diverged", "dead_layer", "vanishing_gradients", "exploding_gradients",
+                             "dying_relu", "converged", "stalled")
+
+
+def test_codes_headline_and_markdown():
+    findings = [Finding("dead_layer", 0, "1", "layer 1: all units dead from step 0 (1 at step 0)"),
+                Finding("dead_layer", 0, "3", "layer 3: all units dead from step 0 (1 at step 0)"),
+                Finding("stalled", 50, "loss", "flat")]
+    assert codes(findings) == "dead_layer,stalled"
+    assert headline(findings) == "dead_layer (layer 1: all units dead from step 0 (1 at step 0))"
+    assert headline([]) == "none"
+    text = as_markdown(findings)
+    assert text.splitlines()[0] == "**verdict: dead_layer**"
+    assert "- `stalled` at step 50 (loss): flat" in text
+    assert findings[0].as_dict() == {"code": "dead_layer", "step": 0, "where": "1",
+                                     "detail": "layer 1: all units dead from step 0 (1 at step 0)"}
+
+
+def test_curves_keep_network_order_and_the_last_value_of_a_step_written_twice():
+    metrics = frame({"train/loss": [3.0, 2.0], "grad/10.weight/norm": [1.0, 1.0], "grad/2.weight/norm": [1.0, 1.0],
+                     "act/3/dead_fraction": [0.0, 0.0], "act/1/dead_fraction": [0.0, 0.0]})
+    metrics = pd.concat([metrics, pd.DataFrame({"step": [1], "tag": ["train/loss"], "value": [7.0]})])
+    for table in (metrics, metrics.astype({"tag": str})):
+        curves = Curves(table)
+        assert curves.params() == ["10.weight", "2.weight"] and curves.layers() == ["3", "1"]
+        steps, loss = curves.get("train/loss")
+        assert steps.tolist() == [0, 1] and loss.tolist() == [3.0, 7.0]
+        assert curves.get("train/loss", before=1)[1].tolist() == [3.0]
+        assert len(curves.get("nothing")[0]) == 0
+
+
+def test_diagnosis_reads_only_the_tags_it_needs():
+    kept = [t for t in ["train/loss", "lr", "grad/global_norm", "grad/0.weight/norm", "grad/0.weight/mean",
+                        "grad/0.weight/nonfinite", "act/1/dead_fraction", "act/1/zero_fraction",
+                        "act/1/dead_fraction_epoch", "update/0.weight/ratio"] if diagnosis_tag(t)]
+    assert kept == ["train/loss", "grad/global_norm", "grad/0.weight/norm", "grad/0.weight/nonfinite",
+                    "act/1/dead_fraction"]
+
+
+def test_threshold_defaults_are_the_configs():
+    config = OmegaConf.load(CONF / "train.yaml")
+    defaults = Thresholds()
+    for key, value in config.diagnosis.items():
+        assert getattr(defaults, key) == value
+    assert defaults.converge_below == config.summary.converge_below
+    assert defaults.converge_relative == config.summary.converge_relative
+    partial = Thresholds.from_config({"diagnosis": {"dying_rise": 0.5}, "summary": {"converge_below": 0.1}})
+    assert (partial.dying_rise, partial.converge_below, partial.vanishing_ratio) == (0.5, 0.1, defaults.vanishing_ratio)
+    assert Thresholds.from_config(None) == defaults
+
+
+# --- real runs whose fate is known --------------------------------------------------------------
+
+LINE = ["model=linear", "dataset=line_2x", "trainer.max_steps=200"]
+SIGMOID_20 = ["model.hidden=[" + ",".join(["16"] * 20) + "]", "model.activation=sigmoid", "trainer.max_steps=100"]
+
+
+def fate(overrides: list[str], run_dir) -> list[Finding]:
+    train(overrides, run_dir)
+    return diagnose_run(run_dir)
+
+
+def test_linear_on_2x_at_lr_005_converges(run_dir):
+    findings = fate([*LINE, "optimizer.lr=0.05"], run_dir)
+    assert verdict(findings) == "converged" and codes(findings) == "converged"
+    losses = read_tb(run_dir)["train/loss"]
+    first = min(s for s, v in losses.items() if v <= 1e-3)
+    assert findings[0].step == first
+
+
+def test_linear_on_2x_at_lr_02_diverges_at_the_first_nonfinite_step(run_dir):
+    findings = fate([*LINE, "optimizer.lr=0.2"], run_dir)
+    assert verdict(findings) == "diverged"
+    tb = read_tb(run_dir)
+    first_bad = min(s for tag, curve in tb.items() if tag == "train/loss" or tag.startswith("grad/")
+                    for s, v in curve.items() if not np.isfinite(v) or (tag.endswith("/nonfinite") and v > 0))
+    (diverged,) = [f for f in findings if f.code == "diverged"]
+    assert diverged.step == first_bad
+    assert diverged.where == "loss"  # its gradients at that step are still finite floats
+    # It got there by exploding: the global norm passed 100x its step-0 value first.
+    (exploding,) = [f for f in findings if f.code == "exploding_gradients"]
+    norms = tb["grad/global_norm"]
+    assert exploding.step == min(s for s, v in norms.items() if v > 100 * norms[0])
+
+
+def test_mlp_with_bias_minus_5_has_dead_layers_from_step_0(run_dir):
+    findings = fate(["model=mlp", "model.bias_init=-5.0", "trainer.max_steps=100"], run_dir)
+    assert verdict(findings) == "dead_layer"
+    dead = [f for f in findings if f.code == "dead_layer"]
+    assert [(f.where, f.step) for f in dead] == [("1", 0), ("3", 0)]
+    assert all(v == 1.0 for v in read_tb(run_dir)["act/1/dead_fraction"].values())
+
+
+def test_twenty_layer_sigmoid_mlp_has_vanishing_gradients(run_dir):
+    findings = fate(SIGMOID_20, run_dir)
+    assert verdict(findings) == "vanishing_gradients"
+    (vanishing,) = [f for f in findings if f.code == "vanishing_gradients"]
+    assert vanishing.where == "0.weight" and "40.weight's" in vanishing.detail
+    tb = read_tb(run_dir)
+    ratios = [tb["grad/0.weight/norm"][s] / tb["grad/40.weight/norm"][s] for s in tb["grad/0.weight/norm"]]
+    assert np.median(ratios) < 1e-3
+
+
+def test_seed_relu_off_has_a_dead_layer(run_dir):
+    findings = fate(["experiment=seed_relu_off"], run_dir)
+    assert verdict(findings) == "dead_layer"
+    assert findings[0] == Finding("dead_layer", 0, "1", "layer 1: all units dead from step 0 (1 at step 0)")
+
+
+def test_reading_all_tags_or_only_the_diagnosis_tags_finds_the_same(run_dir):
+    train(["experiment=seed_relu_off"], run_dir)
+    assert diagnose(read_metrics(run_dir)) == diagnose(read_metrics(run_dir, keep=diagnosis_tag))
+
+
+@pytest.mark.parametrize("lr", ["0.001"])
+def test_slow_linear_progress_is_not_stalled(run_dir, lr):
+    findings = fate([*LINE, f"optimizer.lr={lr}"], run_dir)
+    assert codes(findings) == ""
+
+
+def test_what_happened_names_the_settings_and_what_they_share():
+    runs = pd.DataFrame({
+        "model": ["mlp"] * 4 + ["linear"] * 4,
+        "optimizer.lr": [0.1, 0.1, 1.0, 1.0] * 2,
+        "findings": ["dead_layer,stalled", "dying_relu", "dead_layer", "", "converged", "converged",
+                     "diverged,exploding_gradients", "diverged"],
+    })
+    lines = what_happened(runs, ["model", "optimizer.lr"])
+    assert lines == [
+        "- **Runs diverged** in 1 of 4 settings (2 of 8 runs): model=linear, optimizer.lr=1.0 (2/2).",
+        "- **ReLUs died** in 2 of 4 settings (3 of 8 runs), all with model=mlp: "
+        "model=mlp, optimizer.lr=0.1 (2/2); model=mlp, optimizer.lr=1.0 (1/2).",
+        "- **Gradients exploded** in 1 of 4 settings (1 of 8 runs): model=linear, optimizer.lr=1.0 (1/2).",
+        "- **The loss stalled** in 1 of 4 settings (1 of 8 runs): model=mlp, optimizer.lr=0.1 (1/2).",
+        "- Nowhere: gradients vanished.",
+    ]
+    assert what_happened(runs, ["model", "optimizer.lr"], most=1)[1].endswith(
+        "(2/2), and 1 more; by model: mlp 3/4, linear 0/4.")
+    assert what_happened(runs.drop(columns="findings"), []) == []
+
+
+def test_a_dead_layer_is_not_also_vanishing_gradients():
+    # Layer 1 dies at step 2: from then on 0.weight gets no gradient, which is the dead layer's doing.
+    curves = {"train/loss": [1.0] * 6, "grad/0.weight/norm": [1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+              "grad/2.weight/norm": [1.0] * 6, "act/1/dead_fraction": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]}
+    result = found(curves)
+    assert "vanishing_gradients" not in result and result["dead_layer"][0].step == 2
