@@ -25,6 +25,7 @@ CONF_DIR = Path(__file__).parent / "conf"
 def main(cfg: DictConfig) -> float:
     from gradwatch.config.errors import ConfigError
     from gradwatch.summary import sweep
+    from gradwatch.telemetry.distributed import is_rank_zero
     from gradwatch.training.pipeline import EXIT_REFUSED, RunFailed, exit_code, run
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -36,10 +37,10 @@ def main(cfg: DictConfig) -> float:
             return float("nan")  # recorded; the sweep callback prints the run's line and goes on
         if multirun:
             sweep.report_run(HydraConfig.get(), getattr(err, "record", {}))  # the sweep stops here
-        else:
+        elif is_rank_zero():
             print(f"gradwatch: {err}", file=sys.stderr, flush=True)
         sys.exit(code)
-    if not multirun:
+    if not multirun and is_rank_zero():
         print(f"gradwatch: {result.status} after {result.outcome.steps} steps, final loss "
               f"{result.outcome.final_loss}, run folder {result.run_dir}", flush=True)
     if result.exit_code:

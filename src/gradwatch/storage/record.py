@@ -17,8 +17,9 @@ STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
 class RunRecord:
     """The run's record; every change is written to `<run_dir>/run.json` at once."""
 
-    def __init__(self, run_dir: Path, overrides: list[str], seed: Any):
+    def __init__(self, run_dir: Path, overrides: list[str], seed: Any, enabled: bool = True):
         self.path = RunPaths(run_dir).record
+        self.enabled = enabled  # False in a distributed run's processes but rank 0
         self.data: dict[str, Any] = {
             "status": "running",
             "steps": 0,
@@ -34,7 +35,8 @@ class RunRecord:
 
     def write(self, **fields: Any) -> None:
         self.data.update(fields)
-        write_json_atomic(self.path, self.data)
+        if self.enabled:
+            write_json_atomic(self.path, self.data)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from gradwatch.config.errors import ConfigError, check_int
 from gradwatch.telemetry import tags
+from gradwatch.telemetry.distributed import combine_activation_counts
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
 
@@ -271,7 +272,7 @@ class GradientTelemetry(pl.Callback):
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
             self._act_stats[key] = ActivationStats([tuple(v.shape) for v in views]), act_tags, present
         stats, act_tags, _ = self._act_stats[key]
-        rows, fired = stats(views)
+        rows, fired = stats(views, combine_activation_counts)
         self._pending.append(rows.reshape(-1))
         self._pending_tags.append(act_tags)
         resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint

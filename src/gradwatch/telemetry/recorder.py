@@ -19,6 +19,7 @@ from gradwatch.config.errors import ConfigError, check_int, is_number
 from gradwatch.storage.events import EventFile, histogram_summary, hparams_summaries, layout_summary, text_summary
 from gradwatch.storage.parquet import ParquetSink
 from gradwatch.telemetry import tags
+from gradwatch.telemetry.distributed import is_rank_zero, mean_over_processes
 
 _HEAD = (tags.LOSS, tags.LR)
 
@@ -114,6 +115,8 @@ class StepRecorder(pl.Callback):
     # -- Lightning hooks --------------------------------------------------------------------
     def _open(self) -> EventFile:
         """The sinks, created on first use (a hook or an `add_*` call)."""
+        if self.events is None and not is_rank_zero():
+            self.events = _Discard()  # a distributed run's other processes write nothing
         if self.events is None:
             self.events = EventFile(self.tb_dir, purge_from_step=self.purge_from_step)
             self.sinks = [self.events]
@@ -175,7 +178,8 @@ class StepRecorder(pl.Callback):
         tensors = [self._loss.reshape(()).to(torch.float64)]
         tensors += [value.detach().reshape(()).to(device=self._loss.device, dtype=torch.float64)
                     for value in metrics.values()]
-        values = torch.stack(tensors).cpu().numpy()
+        # The mean over processes (a distributed run): the loss of the global batch.
+        values = mean_over_processes(torch.stack(tensors)).cpu().numpy()
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
         head = [(_HEAD, np.array([values[0], lr]))]
         if self._metric_names:
@@ -213,3 +217,9 @@ class StepRecorder(pl.Callback):
             sink.flush()
         self._last_flush = time.monotonic()
 
+
+class _Discard:
+    """The event file of a process that does not write (every rank but 0)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -15,7 +15,7 @@ once (`.cpu()`), which is the step's only synchronisation.
 """
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch._utils import _flatten_dense_tensors
@@ -282,8 +282,12 @@ class ActivationStats:
         return self._on[device]
 
     @torch.no_grad()
-    def __call__(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`outputs`: per layer, its output, or the outputs of its calls in this step."""
+    def __call__(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]],
+                 combine: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`outputs`: per layer, its output, or the outputs of its calls in this step. `combine`
+        (distributed runs) maps this process's counts, `(fired (L, U), nonzero (L,))`, to the
+        global batch's, `(fired, nonzero, copies)`, where `copies` is how many shards of this size
+        the global batch holds."""
         views = [unit_view(o) for o in outputs]
         order, unit_order = self._constants(views[0].device)
         rows, fired_parts = [], []
@@ -297,6 +301,9 @@ class ActivationStats:
             size = samples * units * positions
             signs = stacked.sign_() if len(idx) > 1 else stacked.sign()  # a stack is our own copy
             nonzero = signs.reshape(len(idx), -1).sum(dim=1, dtype=_count_dtype(size)).long()
+            if combine is not None:
+                fired, nonzero, copies = combine(fired, nonzero)
+                size = size * copies
             alive = fired.sum(dim=1)
             rows.append(torch.stack([(units - alive).double() / units, (size - nonzero).double() / size], dim=1))
             fired_parts.append(fired.reshape(-1))

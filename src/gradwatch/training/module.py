@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from gradwatch.telemetry import tags
+from gradwatch.telemetry.distributed import shard, world
 
 # Losses whose outputs are class scores, and how a prediction is read from them (see `accuracy`).
 _MULTICLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -55,6 +56,7 @@ class GradwatchModule(pl.LightningModule):
         # Per-step extra scalars (tag -> detached 0-dim tensor) that the StepRecorder writes with
         # the loss: `train/accuracy` for a classification loss, nothing otherwise.
         self.step_metrics: dict[str, torch.Tensor] = {}
+        self._shard = (0, 1)  # (rank, world size): each process trains on its share of a batch
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets `_current_fx_name` around every hook, dozens of times a step, and
@@ -68,8 +70,12 @@ class GradwatchModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def setup(self, stage: str) -> None:
+        self._shard = world()
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        # A batch is the global batch; in a distributed run this process takes its equal share.
+        x, y = shard(batch, *self._shard)
         out = self.model(x)
         if self._classifies:
             self.step_metrics[tags.ACCURACY] = accuracy(self.loss_fn, out, y)

@@ -32,6 +32,7 @@ from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import RunRecord, read_run
 from gradwatch.summary import sweep
 from gradwatch.summary.outcome import Outcome, read_outcome
+from gradwatch.telemetry.distributed import is_rank_zero
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.training.checkpointing import LastCheckpoint, check_fits, read_checkpoint, resolve_ckpt_path
 from gradwatch.training.module import GradwatchModule
@@ -150,6 +151,23 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+def _check_processes(cfg: DictConfig, multirun: bool, samples: int, batch_size: int) -> None:
+    """A distributed run splits every batch into equal shards, one per process, so that its
+    numbers equal a one-process run's; it needs a batch size the processes divide."""
+    devices = cfg.trainer.get("devices", 1)
+    processes = devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+    if processes is None or processes <= 1:
+        return
+    if multirun and str(cfg.trainer.get("strategy", "auto")).startswith("ddp"):
+        raise ConfigError("trainer.strategy", cfg.trainer.strategy,
+                          "auto or a single device inside a sweep (Lightning's DDP launcher restarts the whole "
+                          "command in each process; run distributed runs one at a time)")
+    if batch_size % processes or (samples % batch_size) % processes:
+        raise ConfigError("dataset.batch_size", cfg.dataset.get("batch_size"),
+                          f"a batch size that {processes} processes (trainer.devices) share equally: every batch, "
+                          f"the last of an epoch too ({samples} samples), a multiple of {processes}")
+
+
 def _trainer(cfg: DictConfig, callbacks: list, multirun: bool):
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
@@ -158,7 +176,7 @@ def _trainer(cfg: DictConfig, callbacks: list, multirun: bool):
         raise ConfigError("trainer.accumulate_grad_batches", accumulate, "1 (use a larger dataset.batch_size)")
     if multirun:
         trainer_cfg["enable_progress_bar"] = False
-    elif trainer_cfg.get("enable_progress_bar", True):
+    elif trainer_cfg.get("enable_progress_bar", True) and is_rank_zero():
         callbacks = [*callbacks, StepProgressBar()]
     # The StepRecorder writes all of TensorBoard's output: Lightning gets no logger.
     return instantiate(trainer_cfg, logger=False, callbacks=callbacks, enable_checkpointing=False)
@@ -187,6 +205,7 @@ def _prepare(cfg: DictConfig, paths: RunPaths, multirun: bool, sigterm: "Sigterm
     """Everything the fit needs, checked; writes nothing."""
     _check_top_level(cfg)
     parts = build(cfg)
+    _check_processes(cfg, multirun, len(parts.x), parts.batches.batch_size)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, paths.root)
     resume_step = None
     if ckpt_path is not None:
@@ -218,7 +237,7 @@ def run(cfg: DictConfig) -> RunResult:
         previous = read_run(paths.root)
     except (OSError, ValueError):
         previous = None
-    record = RunRecord(paths.root, overrides, cfg.get("seed"))
+    record = RunRecord(paths.root, overrides, cfg.get("seed"), enabled=is_rank_zero())
     if multirun:
         # Lightning's banners stay out of the sweep's one line per run.
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

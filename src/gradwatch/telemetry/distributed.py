@@ -1,0 +1,71 @@
+"""Distributed runs (`trainer.strategy=ddp trainer.devices=N`): one global batch, N equal shards.
+
+Every process runs the same code; these helpers are the only places where processes talk to each
+other. Outside a process group each is the identity, so a one-process run pays nothing.
+
+    >>> shard((torch.arange(6.0), torch.arange(6.0)), rank=1, world_size=2)[0].tolist()
+    [3.0, 4.0, 5.0]
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(batch: tuple[torch.Tensor, ...], rank: int, world_size: int) -> tuple[torch.Tensor, ...]:
+    """This process's equal, contiguous share of a global batch (the batch size divides evenly:
+    checked before training starts)."""
+    if world_size == 1:
+        return batch
+    size = len(batch[0]) // world_size
+    return tuple(t[rank * size : (rank + 1) * size] for t in batch)
+
+
+def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean over processes (a copy; the input is left alone)."""
+    _, world_size = world()
+    if world_size == 1:
+        return values
+    total = values.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / world_size
+
+
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over processes, in place (counts: exact in integer types)."""
+    if world()[1] > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_over_processes(mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR over processes of a boolean mask (a unit fired on any process)."""
+    if world()[1] == 1:
+        return mask
+    as_int = mask.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.bool()
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes the run's files and prints. Known before the process group
+    exists: Lightning's launcher gives every other process its rank in the environment."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def combine_activation_counts(fired: torch.Tensor, nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Activation counts of this process's shard -> those of the global batch: a unit fired if
+    it fired on any process, non-zero outputs add up, and there are `world size` times as many
+    outputs. (ActivationStats' `combine`.)"""
+    _, world_size = world()
+    if world_size == 1:
+        return fired, nonzero, 1
+    return any_over_processes(fired), sum_over_processes(nonzero.clone()), world_size
