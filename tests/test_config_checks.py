@@ -218,3 +218,11 @@ def test_trained_numbers_unchanged_by_the_one_step_check(tmp_path, monkeypatch, 
     weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
                for run in ("checked", "unchecked")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_one_step_passes_a_closure_as_lightning_does():
+    # LBFGS evaluates the loss itself, through the closure Lightning hands every optimizer.step.
+    model = nn.Sequential(nn.Linear(2, 1))
+    check_one_step(model, nn.MSELoss(), functools.partial(torch.optim.LBFGS, lr=0.5), _batches(),
+                   {"_target_": "torch.optim.LBFGS"})
+    assert all(p.grad is None for p in model.parameters())

@@ -149,14 +149,27 @@ def check_one_step(model: nn.Module, loss_fn: nn.Module, optimizer: Callable, ba
         except _TORCH_ERRORS as err:
             raise optimizer_error(err) from err
         x, y = next(iter(copy.copy(batches)))  # a copy: the real batches keep their epoch count
-        out = probe(x)
+        loss_fn = copy.deepcopy(loss_fn)
         try:
-            copy.deepcopy(loss_fn)(out, y).backward()
+            with torch.no_grad():
+                out_shape = list(probe(x).shape)
         except _TORCH_ERRORS as err:
-            raise ConfigError("loss", type(loss_fn).__name__,
-                              f"a loss of the model's output {list(out.shape)} and the dataset's targets "
-                              f"{list(y.shape)} ({_first_line(err)})") from err
+            raise ConfigError("model", type(model).__name__,
+                              f"a model of the dataset's inputs {list(x.shape)} ({_first_line(err)})") from err
+
+        def closure() -> torch.Tensor:
+            # What Lightning hands optimizer.step, so optimizers that need one (LBFGS) pass too.
+            step.zero_grad()
+            loss = loss_fn(probe(x), y)
+            loss.backward()
+            return loss
+
         try:
-            step.step()
+            closure()
+        except _TORCH_ERRORS as err:
+            shapes = f"the model's output {out_shape} and the dataset's targets {list(y.shape)}"
+            raise ConfigError("loss", type(loss_fn).__name__, f"a loss of {shapes} ({_first_line(err)})") from err
+        try:
+            step.step(closure)
         except _TORCH_ERRORS as err:
             raise optimizer_error(err) from err
