@@ -6,9 +6,6 @@ The same values go through compose + build (in process, and the inspector's comm
 
 import functools
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from gradwatch.config.checks import RULES, check_config
 from gradwatch.config.errors import ConfigError
 from gradwatch.training.data import TensorBatches
 
-from conftest import REPO, compose_cfg, read_tb, train
+from conftest import REPO, compose_cfg, read_tb, train, train_py
 
 # (overrides, the key the one line names, what it says is allowed)
 REFUSED = [
@@ -85,32 +82,14 @@ def test_pipeline_stops_before_training_with_one_line(run_dir, capsys, overrides
     assert not (run_dir / "tb").exists() and not (run_dir / "checkpoints").exists()
 
 
-@pytest.fixture(scope="module")
-def train_py_runs(tmp_path_factory):
-    # Every case's train.py started at once: each spends its seconds importing torch and Lightning,
-    # and on a machine with several cores those seconds overlap instead of adding up.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    runs = {}
-    for (overrides, _, _), name in zip(REFUSED, IDS, strict=True):
-        cwd = tmp_path_factory.mktemp(name)
-        runs[name] = subprocess.Popen([sys.executable, str(REPO / "train.py"), "trainer.max_steps=1", *overrides],
-                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    yield runs
-    for proc in runs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "key", "allowed"), REFUSED, ids=IDS)
-def test_train_py_prints_one_line_naming_the_key(train_py_runs, request, overrides, key, allowed):
-    proc = train_py_runs[request.node.callspec.id]
-    stdout, stderr = proc.communicate(timeout=300)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, stderr
-    assert lines == [f"gradwatch: {key}={_value(overrides)} is not valid: allowed is {allowed}"], stderr
-    assert "Traceback" not in stdout + stderr
+def test_train_py_prints_one_line_naming_the_key(tmp_path, overrides, key, allowed):
+    result = train_py(["trainer.max_steps=1", *overrides], cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert lines == [f"gradwatch: {key}={_value(overrides)} is not valid: allowed is {allowed}"], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(("key", "value", "allowed"), [
