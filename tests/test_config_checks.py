@@ -106,6 +106,7 @@ def test_train_py_prints_one_line_naming_the_key(tmp_path, overrides, key, allow
     ("dataset.size", True, "an integer >= 1 (a dataset cannot be empty)"),
     ("dataset.batch_size", 0, "null (full batch) or an integer >= 1"),
     ("dataset.low", "abc", "a number"),
+    ("dataset.train_fraction", 1.5, "a number > 0 and <= 1"),
     ("optimizer.lr", "abc", "a number > 0"),
     ("optimizer.eps", 0, "a number > 0"),
     ("optimizer.betas", [0.9, 1.0], "two numbers in [0, 1), e.g. [0.9, 0.999]"),

@@ -28,8 +28,9 @@ def _integer(minimum: int | None = None, allowed: str | None = None, maximum: in
     return lambda key, value: check_int(key, value, minimum, allowed, maximum=maximum)
 
 
-def _number(minimum: float | None = None, *, above: float | None = None, below: float | None = None) -> Rule:
-    return lambda key, value: check_number(key, value, minimum, above=above, below=below)
+def _number(minimum: float | None = None, *, above: float | None = None, below: float | None = None,
+            maximum: float | None = None) -> Rule:
+    return lambda key, value: check_number(key, value, minimum, above=above, below=below, maximum=maximum)
 
 
 def _or_null(rule: Rule, meaning: str = "") -> Rule:
@@ -82,6 +83,7 @@ RULES: dict[str, Rule] = {
     "dataset.low": _number(),
     "dataset.high": _number(),
     "dataset.noise": _number(0),
+    "dataset.train_fraction": _number(above=0, maximum=1),  # dataset=digits
     "dataset.seed": _or_null(_integer(MIN_DATA_SEED, maximum=MAX_DATA_SEED), " (the top-level seed)"),
     "dataset.batch_size": _or_null(_integer(1), " (full batch)"),
     "dataset.shuffle": check_bool,

@@ -43,8 +43,10 @@ def check_int(key: str, value: object, minimum: int | None = None, allowed: str 
 
 
 def check_number(key: str, value: object, minimum: float | None = None, *, above: float | None = None,
-                 below: float | None = None, allowed: str | None = None) -> float:
-    """`value` if it is a finite number >= `minimum`, > `above` and < `below`, else a ConfigError naming `key`.
+                 below: float | None = None, maximum: float | None = None, allowed: str | None = None) -> float:
+    """`value` if it is a finite number within the bounds given, else a ConfigError naming `key`.
+
+    The bounds: >= `minimum`, > `above`, < `below`, <= `maximum`.
 
     Infinity and NaN are never allowed: no key of a run means "unbounded" by them.
 
@@ -56,10 +58,10 @@ def check_number(key: str, value: object, minimum: float | None = None, *, above
     """
     finite = is_number(value) and math.isfinite(value)
     if (not finite or (minimum is not None and value < minimum) or (above is not None and value <= above)
-            or (below is not None and value >= below)):
+            or (below is not None and value >= below) or (maximum is not None and value > maximum)):
         if allowed is None:
-            bounds = [f"{sign} {bound}" for sign, bound in ((">=", minimum), (">", above), ("<", below))
-                      if bound is not None]
+            signs = ((">=", minimum), (">", above), ("<", below), ("<=", maximum))
+            bounds = [f"{sign} {bound}" for sign, bound in signs if bound is not None]
             # "finite" only where the value is an infinity or NaN: there it is the reason.
             allowed = "a finite number" if is_number(value) and not finite else "a number"
             allowed = " ".join([allowed, " and ".join(bounds)]) if bounds else allowed
