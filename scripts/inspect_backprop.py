@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         # Imported late: torch and Lightning take seconds to load, and a bad group option
         # should be reported without that wait.
         from gradwatch.config.build import build
-        from gradwatch.inspect.inspector import inspect_backprop, render_dot, render_json, render_text
+        from gradwatch.inspect.inspector import inspect_backprop
+        from gradwatch.inspect.rendering import render_dot, render_json, render_text
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=overrides)

@@ -1,4 +1,4 @@
-"""Backprop inspector: REFERENCE.md seeds 000 and 003 through the config path (compose, build, batch)."""
+"""Backprop inspector: the seed tutorials 000 and 003 through the config path (compose, build, batch)."""
 
 import importlib.util
 import json
@@ -15,16 +15,10 @@ from torch import nn
 
 import gradwatch  # noqa: F401  (registers the config's resolvers)
 from gradwatch.config.build import build
-from gradwatch.inspect.inspector import (
-    SMALL,
-    chain_rule_check,
-    gradient_check,
-    inspect_backprop,
-    render_dot,
-    render_text,
-    seed003_closed_form,
-    summarize,
-)
+from gradwatch.inspect.checks import chain_rule_check, gradient_check, seed003_closed_form
+from gradwatch.inspect.inspector import inspect_backprop
+from gradwatch.inspect.records import SMALL, tensor_view
+from gradwatch.inspect.rendering import render_dot, render_text
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT = 1e-6
@@ -266,9 +260,9 @@ def test_dot_graph_has_the_grad_fn_chain(tmp_path):
             ("ReluBackward0_0", "AddmmBackward0_1")} <= edges
 
 
-def test_summarize_small_and_large():
-    assert summarize(torch.tensor([[2.0]])) == {"shape": [1, 1], "values": [[2.0]]}
-    big = summarize(torch.arange(SMALL + 1, dtype=torch.float32))
+def test_tensor_view_small_and_large():
+    assert tensor_view(torch.tensor([[2.0]])) == {"shape": [1, 1], "values": [[2.0]]}
+    big = tensor_view(torch.arange(SMALL + 1, dtype=torch.float32))
     assert set(big) == {"shape", "mean", "std", "min", "max"}
     assert (big["shape"], big["mean"], big["min"], big["max"]) == ([9], 4.0, 0.0, 8.0)
 

@@ -1,8 +1,12 @@
 """Config -> objects, with every check done before any training starts.
 
-Each check raises `ConfigError` naming the key, the value and what is allowed.
+Each check raises `ConfigError` naming the key, the value and what is allowed: the scalar keys
+first (`check_config`), then the objects as they are built, and last one training step on copies
+(`check_one_step`), so that a value torch refuses is reported as a config error, not a traceback.
 """
 
+import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from gradwatch.config.errors import ConfigError, check_int, is_number
+from gradwatch.config.checks import check_config
+from gradwatch.config.errors import ConfigError
 from gradwatch.training.data import TensorBatches
 from gradwatch.training.models import apply_init, init_scheme
 
@@ -55,12 +60,6 @@ def cfg_choice(cfg: DictConfig) -> str:
     return str(cfg.dataset.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def _check_lr(cfg: DictConfig) -> None:
-    lr = cfg.optimizer.get("lr")
-    if not is_number(lr) or not lr > 0:
-        raise ConfigError("optimizer.lr", lr, "a number > 0")
-
-
 def _feature_size(cfg: DictConfig, key: str, data_size: int, what: str) -> int:
     size = cfg.model.get(key)
     if size is None:
@@ -72,12 +71,12 @@ def _feature_size(cfg: DictConfig, key: str, data_size: int, what: str) -> int:
 
 def build(cfg: DictConfig) -> Parts:
     """Everything a run trains with, checked. Seeds torch first, so the same seed gives the same model."""
-    seed = check_int("seed", cfg.seed)
-    _check_lr(cfg)
+    check_config(cfg)
+    seed = cfg.seed
     data_seed = cfg.dataset.get("seed")
     data_seed = seed if data_seed is None else data_seed
     x, y = call_target(_group(cfg, "dataset", drop=_BATCHING_KEYS), seed=data_seed)
-    batches = TensorBatches(x, y, cfg.dataset.get("batch_size"), bool(cfg.dataset.get("shuffle", True)), data_seed)
+    batches = TensorBatches(x, y, cfg.dataset.get("batch_size"), cfg.dataset.get("shuffle", True), data_seed)
 
     loss_fn = call_target(_group(cfg, "loss"))
     if isinstance(loss_fn, _BCE_LOSSES) and not bool(((y >= 0) & (y <= 1)).all()):
@@ -104,4 +103,73 @@ def build(cfg: DictConfig) -> Parts:
         raise ConfigError("model", f"output shape {list(out_shape)}", f"the dataset's target shape {list(y.shape[1:])}")
 
     optimizer = call_target(_group(cfg, "optimizer"))
+    check_one_step(model, loss_fn, optimizer, batches, _group(cfg, "optimizer"))
     return Parts(model, loss_fn, optimizer, x, y, batches)
+
+
+# torch's words for an optimizer's keys, where its message does not spell the key itself.
+_TORCH_WORDS = {"learning rate": "lr", "epsilon": "eps", "beta": "betas"}
+_TORCH_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _optimizer_key(err: BaseException, node: dict) -> str:
+    """The optimizer key torch's message names ("Invalid momentum value" -> momentum), else ""."""
+    text = str(err).lower()
+    words = {k: k for k in node if not k.startswith("_")}
+    words |= {word: key for word, key in _TORCH_WORDS.items() if key in node}
+    found = [(match.start(), key) for word, key in words.items()
+             if (match := re.search(rf"\b{re.escape(word.lower())}\b", text))]
+    return min(found)[1] if found else ""
+
+
+def check_one_step(model: nn.Module, loss_fn: nn.Module, optimizer: Callable, batches: TensorBatches,
+                   optimizer_node: dict) -> None:
+    """One training step on copies: the optimizer built, the loss and its backward on the first batch,
+    one update. What torch refuses becomes a ConfigError naming `optimizer.<key>`, `optimizer` or `loss`.
+
+    The model, its gradients, the batches' position and the random state stay as they were.
+    """
+    name = str(optimizer_node.get("_target_", "the optimizer")).rsplit(".", 1)[-1]
+
+    def optimizer_error(err: BaseException) -> ConfigError:
+        key = _optimizer_key(err, optimizer_node)
+        value = optimizer_node[key] if key else name
+        return ConfigError(f"optimizer.{key}" if key else "optimizer", value,
+                           f"a value {name} accepts ({_first_line(err)})")
+
+    probe = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            step = optimizer(probe.parameters())
+        except _TORCH_ERRORS as err:
+            raise optimizer_error(err) from err
+        x, y = next(iter(copy.copy(batches)))  # a copy: the real batches keep their epoch count
+        loss_fn = copy.deepcopy(loss_fn)
+        try:
+            with torch.no_grad():
+                out_shape = list(probe(x).shape)
+        except _TORCH_ERRORS as err:
+            raise ConfigError("model", type(model).__name__,
+                              f"a model of the dataset's inputs {list(x.shape)} ({_first_line(err)})") from err
+
+        def closure() -> torch.Tensor:
+            # What Lightning hands optimizer.step, so optimizers that need one (LBFGS) pass too.
+            step.zero_grad()
+            loss = loss_fn(probe(x), y)
+            loss.backward()
+            return loss
+
+        try:
+            closure()
+        except _TORCH_ERRORS as err:
+            shapes = f"the model's output {out_shape} and the dataset's targets {list(y.shape)}"
+            raise ConfigError("loss", type(loss_fn).__name__, f"a loss of {shapes} ({_first_line(err)})") from err
+        try:
+            step.step(closure)
+        except _TORCH_ERRORS as err:
+            raise optimizer_error(err) from err
