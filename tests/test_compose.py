@@ -26,3 +26,10 @@ def test_study_presets_compose_as_sweeps():
 def test_base_config_has_the_documented_defaults(base_cfg):
     assert base_cfg.hydra.runtime.choices.model == "mlp" and base_cfg.summary.converge_relative is False
     assert base_cfg.ckpt_path is None and base_cfg.checkpoint.every_n_steps == 100
+
+
+def test_trainer_strategy_is_a_config_key():
+    """`trainer.strategy=ddp trainer.devices=2` composes without a `+` (README, distributed runs)."""
+    cfg = compose_cfg(["trainer.strategy=ddp", "trainer.devices=2"])
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    assert compose_cfg([]).trainer.strategy == "auto"

@@ -13,7 +13,7 @@ import pytest
 
 from gradwatch.storage.parquet import read_metrics
 
-from conftest import REPO, compose_cfg, read_tb, train_py
+from conftest import REPO, read_tb, train_py
 
 pytestmark = pytest.mark.slow
 
@@ -114,8 +114,3 @@ def test_interrupt_then_resume(tmp_path, one_process):
     for step in range(min(STEPS, stopped)):
         assert losses[step] == pytest.approx(want[step], rel=1e-4)
 
-
-def test_trainer_strategy_is_a_config_key():
-    cfg = compose_cfg(DDP)
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
-    assert compose_cfg([]).trainer.strategy == "auto"

@@ -83,12 +83,21 @@ def _multirun(argv: list[str]) -> bool:
 
 
 def _typed(argv: list[str], key: str) -> str | None:
-    """The last value typed for `key` (`key=v`, `+key=v`, `++key=v`), else None."""
-    value = None
+    """The last value typed for `key` (`key=v`, `+key=v`, `++key=v`), as Hydra reads it (quotes
+    removed: Lightning's DDP launcher quotes the run folder it passes to its processes), else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    value, parser = None, OverridesParser.create()
     for arg in argv:
-        typed, sep, text = arg.lstrip("+").partition("=")
-        if sep and typed == key:
-            value = text
+        if arg.startswith("-"):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 - Hydra reports text it cannot parse, with its own message
+            continue
+        if override.key_or_group == key and not override.is_delete():
+            found = override.value()
+            value = None if found is None else str(found)
     return value
 
 

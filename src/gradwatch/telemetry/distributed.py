@@ -7,6 +7,10 @@ other. Outside a process group each is the identity, so a one-process run pays n
     [3.0, 4.0, 5.0]
 """
 
+import signal
+import threading
+
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
@@ -69,3 +73,41 @@ def combine_activation_counts(fired: torch.Tensor, nonzero: torch.Tensor) -> tup
     if world_size == 1:
         return fired, nonzero, 1
     return any_over_processes(fired), sum_over_processes(nonzero.clone()), world_size
+
+
+class StopTogether(pl.Callback):
+    """Ctrl-C or SIGTERM in a distributed run: every process stops at the end of the same step.
+
+    A signal that raised in one process while another waits in a collective (the gradient
+    all-reduce, the loss mean) would leave that one waiting forever. Here a signal only sets a
+    flag; at the end of each step the processes agree (any of them flagged) and Lightning stops
+    them all there, so the checkpoint, the logs and run.json end on the same step. One-process
+    runs keep the usual handling (nothing is installed).
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._previous and trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False):
+            trainer.should_stop = True
+            self.signal = self.signal or signal.SIGINT  # another process was signalled
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()

@@ -32,7 +32,7 @@ from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import RunRecord, read_run
 from gradwatch.summary import sweep
 from gradwatch.summary.outcome import Outcome, read_outcome
-from gradwatch.telemetry.distributed import is_rank_zero
+from gradwatch.telemetry.distributed import StopTogether, is_rank_zero
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.training.checkpointing import LastCheckpoint, check_fits, read_checkpoint, resolve_ckpt_path
 from gradwatch.training.module import GradwatchModule
@@ -199,6 +199,7 @@ class _Prepared:
     batches: object
     recorder: StepRecorder
     ckpt_path: Path | None
+    stop: StopTogether
 
 
 def _prepare(cfg: DictConfig, paths: RunPaths, multirun: bool, sigterm: "SigtermGuard") -> _Prepared:
@@ -220,10 +221,11 @@ def _prepare(cfg: DictConfig, paths: RunPaths, multirun: bool, sigterm: "Sigterm
     checkpoint_cb = LastCheckpoint(paths.last_ckpt, cfg.checkpoint.every_n_steps)
     # Order matters: telemetry hands its numbers to the recorder, which writes the step
     # before the checkpoint saves the recorder's state.
-    callbacks = [c for c in (telemetry, recorder) if c is not None] + [checkpoint_cb, sigterm.handover()]
+    stop = StopTogether()
+    callbacks = [c for c in (telemetry, recorder) if c is not None] + [stop, checkpoint_cb, sigterm.handover()]
     trainer = _trainer(cfg, callbacks, multirun)
     module = GradwatchModule(parts.model, parts.loss_fn, parts.optimizer)
-    return _Prepared(trainer, module, parts.batches, recorder, ckpt_path)
+    return _Prepared(trainer, module, parts.batches, recorder, ckpt_path, stop)
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -307,6 +309,10 @@ def _fit(prepared: _Prepared, record: RunRecord, sigterm: SigtermGuard):
         record.write(status="running")
         trainer.fit(prepared.module, train_dataloaders=prepared.batches, ckpt_path=prepared.ckpt_path,
                     weights_only=True)
+        if prepared.stop.signal is not None:  # a distributed run, stopped together at a step's end
+            status = "interrupted"
+            code = EXIT_SIGTERM if prepared.stop.signal == signal.SIGTERM else EXIT_SIGINT
+            error = f"interrupted at step {trainer.global_step} ({signal.Signals(prepared.stop.signal).name})"
     except (KeyboardInterrupt, SystemExit) as exc:
         # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException.
         status = "interrupted"
