@@ -91,7 +91,8 @@ def test_interrupt_then_resume(tmp_path, one_process):
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoints" / "last.ckpt").exists() or len(list((run_dir / "metrics").glob("*.parquet"))) < 8:
+    parts = run_dir / "metrics"
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() or len(list(parts.glob("*.parquet"))) < 8:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
