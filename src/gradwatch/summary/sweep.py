@@ -115,8 +115,9 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # Each run's own convergence threshold (a sweep may sweep it).
         result = write_summary(sweep_dir)
+        others = [name for name in result.written if name != "summary.md"]
         print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/summary.md "
-              f"(summary.csv, report.png)", flush=True)
+              f"({', '.join(others)})", flush=True)
         failed = result.failed
         if result.unreadable:
             print(f"gradwatch: unreadable runs: {', '.join(result.unreadable)}", flush=True)
