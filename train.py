@@ -2,7 +2,8 @@
 
 Sweeps: `python train.py -m optimizer.lr=0.001,0.01,0.1 seed=0,1,2`. See README.md.
 
-This file owns what the user sees of a run: one `gradwatch:` line and the exit code (0 done,
+This file owns what the user sees of a run: one `gradwatch:` line (the verdict with its evidence,
+the final loss and the `tensorboard --logdir` command for the run folder) and the exit code (0 done,
 1 failed, 2 refused, 130/143 interrupted). In a sweep each run gets its progress line from the
 sweep callback instead. A refused command leaves an existing run folder byte-identical.
 """
@@ -41,8 +42,7 @@ def main(cfg: DictConfig) -> float:
             print(f"gradwatch: {err}", file=sys.stderr, flush=True)
         sys.exit(code)
     if not multirun and is_rank_zero():
-        print(f"gradwatch: {result.status} after {result.outcome.steps} steps, final loss "
-              f"{result.outcome.final_loss}, run folder {result.run_dir}", flush=True)
+        print(sweep.last_line(result.record, result.run_dir), flush=True)
     if result.exit_code:
         sys.exit(result.exit_code)
     return result.value

@@ -23,6 +23,13 @@ the loss decreases strictly.
 
     python scripts/bench_summary.py            # full size; tbparse takes a minute or two
     python scripts/bench_summary.py --quick    # 5 runs x 300 tags x 50 steps, a smoke run
+
+`--write-summary FOLDER` times instead what a sweep's end does on a real sweep folder (e.g. the
+48 runs of `make sweep`): `write_summary` (the table, every run's findings, summary.md and every
+report PNG), the imports apart, against the target of WRITE_TARGET_S seconds:
+
+    python train.py experiment=study_lr_convergence hydra.sweep.dir=/tmp/sw48
+    python scripts/bench_summary.py --write-summary /tmp/sw48
 """
 
 import argparse
@@ -48,6 +55,7 @@ from gradwatch.telemetry import tags
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)
 FLUSH_EVERY_N_STEPS = 100
 TARGET_RATIO = 50.0
+WRITE_TARGET_S = 2.0  # the summary of `make sweep` (48 runs), plots included
 
 
 @dataclass
@@ -209,6 +217,27 @@ def verify(folder: Path, written: list[WrittenRun], summary, tb_rows: int) -> li
     return failures
 
 
+def time_write_summary(folder: Path, repeats: int = 3) -> int:
+    """Time `write_summary(folder)` (imports timed apart; best and first of `repeats`)."""
+    started = time.perf_counter()
+    from gradwatch.summary import report  # noqa: F401 - matplotlib: imported here to time it apart
+    from gradwatch.summary.table import write_summary
+
+    imports_s = time.perf_counter() - started
+    times, summary = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        summary = write_summary(folder)
+        times.append(time.perf_counter() - started)
+    verdicts = summary.runs["verdict"].value_counts().to_dict() if len(summary.runs) else {}
+    print(f"write_summary of {len(summary.runs)} runs in {folder}: first {times[0]:.3f} s, best {min(times):.3f} s "
+          f"(imports {imports_s:.3f} s apart); wrote {', '.join(summary.written)}")
+    print(f"verdicts: {verdicts}")
+    verdict = "met" if times[0] <= WRITE_TARGET_S else "NOT met"
+    print(f"target <= {WRITE_TARGET_S:g} s for the first call: {verdict}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="runs in the sweep (default 50)")
@@ -218,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", type=Path, default=None,
                         help="build the sweep here (a new or empty folder; kept); default: a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir instead of removing it")
+    parser.add_argument("--write-summary", type=Path, default=None, metavar="SWEEP_FOLDER",
+                        help="time write_summary (findings and plots included) on an existing sweep folder")
     args = parser.parse_args(argv)
+    if args.write_summary is not None:
+        if not args.write_summary.is_dir():
+            parser.error(f"write-summary={args.write_summary} is not valid: allowed is an existing folder of runs")
+        return time_write_summary(args.write_summary)
     if args.quick:
         args.runs, args.tags, args.steps = 5, 300, 50
     for key in ("runs", "steps"):

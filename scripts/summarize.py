@@ -1,12 +1,15 @@
 """(Re)build a sweep's summary: `python scripts/summarize.py outputs/multirun/<date>/<time>`.
 
-Works on any folder of runs, including a sweep still running or interrupted.
+Works on any folder of runs, including a sweep still running or interrupted, and on one run's
+folder (its findings, and the same report figures for that run alone). `--converge-below` and
+`--relative` apply to the findings too (`converged`, `stalled`).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from gradwatch.summary.findings import what_happened
 from gradwatch.summary.table import readable_grouped, write_summary
 
 
@@ -22,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"folder={args.folder} is not valid: allowed is an existing folder of runs")
     summary = write_summary(args.folder, args.converge_below, args.relative)
     print(readable_grouped(summary).to_string(index=False) if len(summary.grouped) else "no runs found")
-    print(f"\n{len(summary.runs)} runs; wrote {args.folder}/summary.csv, summary.md, report.png")
+    for line in what_happened(summary.runs, summary.swept) if len(summary.runs) else []:
+        print(line.replace("**", ""))
+    print(f"\n{len(summary.runs)} runs; wrote {args.folder}/{', '.join(summary.written)}")
     if summary.unreadable:
         print(f"unreadable: {', '.join(summary.unreadable)}")
     return 0

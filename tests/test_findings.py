@@ -6,8 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradwatch.storage.parquet import read_metrics
+from gradwatch.storage.paths import RunPaths
 from gradwatch.summary.findings import (
     NO_VERDICT,
     VERDICT_ORDER,
@@ -23,8 +25,9 @@ from gradwatch.summary.findings import (
     verdict,
     what_happened,
 )
+from gradwatch.summary.table import write_summary
 
-from conftest import CONF, read_tb, train
+from conftest import CONF, read_tb, strict_json, train
 
 LIMITS = Thresholds(dying_rise=0.25, vanishing_ratio=1e-3, exploding_factor=100.0, stall_improvement=0.01,
                     converge_below=1e-3, converge_relative=False)
@@ -255,13 +258,35 @@ def test_threshold_defaults_are_the_configs():
 
 # --- real runs whose fate is known --------------------------------------------------------------
 
+def tb_texts(run_dir) -> dict[str, dict[int, str]]:
+    """Every text summary in a run's TensorBoard files, by tag then step (the text plugin's tensors)."""
+    acc = EventAccumulator(str(RunPaths(run_dir).tb), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag: {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
+            for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"}
+
+
 LINE = ["model=linear", "dataset=line_2x", "trainer.max_steps=200"]
 SIGMOID_20 = ["model.hidden=[" + ",".join(["16"] * 20) + "]", "model.activation=sigmoid", "trainer.max_steps=100"]
 
 
 def fate(overrides: list[str], run_dir) -> list[Finding]:
+    """Train, then check that the run's end (run.json, TensorBoard text) and the summary
+    (write_summary, summary.csv) say what `diagnose_run` says; the findings it returns."""
     train(overrides, run_dir)
-    return diagnose_run(run_dir)
+    findings = diagnose_run(run_dir)
+    record = strict_json(run_dir / "run.json")
+    summary = write_summary(run_dir)
+    table = pd.read_csv(run_dir / "summary.csv", keep_default_na=False)
+    assert record["verdict"] == verdict(findings) == summary.runs.loc[0, "verdict"] == table.loc[0, "verdict"]
+    assert summary.runs.loc[0, "findings"] == table.loc[0, "findings"] == codes(findings)
+    # The run knew its layers' widths; the details may count units, the rest is the same.
+    assert [(f["code"], f["step"], f["where"]) for f in record["findings"]] == [
+        (f.code, f.step, f.where) for f in findings]
+    (text,) = tb_texts(run_dir)["findings"].values()
+    assert text.startswith(f"**verdict: {verdict(findings)}**")
+    assert all(f["detail"] in text for f in record["findings"])
+    return findings
 
 
 def test_linear_on_2x_at_lr_005_converges(run_dir):
@@ -280,6 +305,8 @@ def test_linear_on_2x_at_lr_02_diverges_at_the_first_nonfinite_step(run_dir):
                     for s, v in curve.items() if not np.isfinite(v) or (tag.endswith("/nonfinite") and v > 0))
     (diverged,) = [f for f in findings if f.code == "diverged"]
     assert diverged.step == first_bad
+    record = strict_json(run_dir / "run.json")
+    assert record["status"] == "diverged" and record["findings"][0]["step"] == first_bad
     assert diverged.where == "loss"  # its gradients at that step are still finite floats
     # It got there by exploding: the global norm passed 100x its step-0 value first.
     (exploding,) = [f for f in findings if f.code == "exploding_gradients"]
@@ -292,6 +319,11 @@ def test_mlp_with_bias_minus_5_has_dead_layers_from_step_0(run_dir):
     assert verdict(findings) == "dead_layer"
     dead = [f for f in findings if f.code == "dead_layer"]
     assert [(f.where, f.step) for f in dead] == [("1", 0), ("3", 0)]
+    # The run's end knew the widths (model.hidden): the details count the units.
+    hidden = OmegaConf.load(run_dir / ".hydra" / "config.yaml").model.hidden
+    details = [f["detail"] for f in strict_json(run_dir / "run.json")["findings"]][:2]
+    assert details == [f"layer {layer}: {n} of {n} units dead from step 0 (1 at step 0)"
+                       for layer, n in zip("13", hidden, strict=True)]
     assert all(v == 1.0 for v in read_tb(run_dir)["act/1/dead_fraction"].values())
 
 

@@ -7,9 +7,10 @@ import sys
 import pandas as pd
 import pytest
 
-from gradwatch.summary.table import configured_thresholds, summarize
+from gradwatch.summary.findings import Thresholds, diagnose_run
+from gradwatch.summary.table import configured_thresholds, readable_grouped, summarize, write_summary
 
-from conftest import REPO, train
+from conftest import REPO, strict_json, train
 
 
 @pytest.mark.slow  # starts scripts/summarize.py
@@ -45,3 +46,57 @@ def test_swept_columns_come_from_each_runs_resolved_config(tmp_path):
     assert runs.loc["0_a", "model"] == "linear" and runs.loc["1_b", "model"] == "mlp"
     assert runs.loc["0_a", "optimizer.lr"] == 0.01 and runs.loc["1_b", "optimizer.lr"] == 0.02
     assert runs.loc["1_b", "model.hidden"] == "[4, 4]" and pd.isna(runs.loc["0_a", "model.hidden"])
+
+
+# The default exploding factor (100) flags the lr 0.2 run (tests/test_findings.py); these runs say 1e30.
+LINE = ["model=linear", "dataset=line_2x", "trainer.max_steps=200", "diagnosis.exploding_factor=1e30"]
+
+
+@pytest.fixture(scope="module")
+def fates(tmp_path_factory):
+    """Three linear runs on y = 2x: lr 0.05 (seeds 0 and 1) converge, lr 0.2 diverges."""
+    folder = tmp_path_factory.mktemp("fates")
+    for name, extra in (("0_a", ["optimizer.lr=0.05", "seed=0"]), ("1_b", ["optimizer.lr=0.05", "seed=1"]),
+                        ("2_c", ["optimizer.lr=0.2", "seed=0"])):
+        train([*LINE, *extra], folder / name)
+    return folder
+
+
+def test_grouped_view_counts_verdicts_and_summary_md_says_what_happened(fates):
+    summary = write_summary(fates)
+    runs = summary.runs.set_index("run_dir")
+    assert runs["verdict"].to_dict() == {"0_a": "converged", "1_b": "converged", "2_c": "diverged"}
+    assert runs["verdict"].to_dict() == {rd: strict_json(fates / rd / "run.json")["verdict"] for rd in runs.index}
+    # Each run's own diagnosis.* thresholds: the exploding factor of 1e30 was never reached.
+    assert runs["findings"].to_dict() == {"0_a": "converged", "1_b": "converged", "2_c": "diverged"}
+    assert summary.swept == ["optimizer.lr"]
+    grouped = summary.grouped.set_index("optimizer.lr")
+    assert grouped.loc[0.05, ["verdict_diverged", "verdict_converged"]].tolist() == [0, 2]
+    assert grouped.loc[0.2, ["verdict_diverged", "verdict_converged"]].tolist() == [1, 0]
+    assert readable_grouped(summary).set_index("optimizer.lr")["verdicts"].to_dict() == {
+        0.05: "converged 2", 0.2: "diverged 1"}
+    text = (fates / "summary.md").read_text()
+    happened = text.split("## What happened\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert happened == ["- **Runs diverged** in 1 of 2 settings (1 of 3 runs): optimizer.lr=0.2 (1/1).",
+                        "- Nowhere: ReLUs died, gradients vanished, gradients exploded, the loss stalled."]
+
+
+def test_an_explicit_convergence_threshold_applies_to_the_findings_too(fates):
+    for below, relative in ((0.5, True), (1e-2, False), (0.0, True)):
+        runs = summarize(fates, converge_below=below, relative=relative).runs.set_index("run_dir")
+        for run_dir in ("0_a", "1_b"):
+            found = {f.code: f for f in diagnose_run(fates / run_dir, Thresholds(
+                converge_below=below, converge_relative=relative, exploding_factor=1e30))}
+            assert runs.loc[run_dir, "converged"] == ("converged" in found) == (
+                runs.loc[run_dir, "verdict"] == "converged")
+            if "converged" in found:
+                assert runs.loc[run_dir, "steps_to_converge"] == found["converged"].step
+
+
+def test_write_summary_writes_every_report_figure_for_a_folder_and_for_one_run(fates):
+    summary = write_summary(fates)
+    assert summary.written == ["summary.csv", "summary.md", "report.png", "report_heatmap.png"]
+    one = write_summary(fates / "0_a")
+    assert one.written == summary.written and len(one.runs) == 1 and one.runs.loc[0, "verdict"] == "converged"
+    for name in one.written[2:]:
+        assert (fates / "0_a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

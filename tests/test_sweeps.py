@@ -68,6 +68,17 @@ def test_diverging_setting_is_marked_while_others_complete(basic_sweep):
     lines = [line for line in result.stdout.splitlines() if re.match(r"\[\d+/", line)]
     assert len(lines) == 8 and all(line.startswith(f"[{i + 1}/8] ") for i, line in enumerate(lines))
     assert f"summary of 8 runs in {sweep.relative_to(sweep.parents[3])}" in result.stdout
+    # Each line carries its run's verdict, as run.json and summary.csv have it.
+    for run_dir, verdict in zip(table["run_dir"], table["verdict"], strict=True):
+        record = strict_json(sweep / run_dir / "run.json")
+        assert record["verdict"] == verdict
+        (line,) = [line for line in lines if line.split()[1] == ",".join(record["overrides"])]
+        assert f"  {record['status']}  {verdict}  final_loss=" in line
+    assert set(table.loc[diverging, "verdict"]) == {"diverged"}
+    # The files the summary wrote are the ones it names.
+    named = re.search(r"summary of 8 runs in \S+/summary\.md \((.*)\)", result.stdout).group(1).split(", ")
+    assert named[:1] == ["summary.csv"] and "report.png" in named and "report_gradients.png" in named
+    assert all((sweep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in named[1:])
 
 
 def test_hparams_carry_config_and_final_metrics(basic_sweep):

@@ -1,6 +1,7 @@
 """Sweep plumbing for Hydra multirun: progress lines, thread caps, and the summary at the end."""
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,43 @@ def count_jobs(config: DictConfig) -> int | None:
     return total
 
 
+def _loss_text(record: dict[str, Any], digits: int = 6) -> str:
+    loss = record.get("final_loss")
+    return "-" if not isinstance(loss, int | float) else f"{loss:.{digits}g}"
+
+
+def _shown_path(path: Path) -> str:
+    """The folder relative to the working directory when it is under it (`outputs/...`)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (OSError, ValueError):
+        return str(path)
+
+
+def last_line(record: dict[str, Any], run_dir: Path) -> str:
+    """A single run's last console line: its verdict with the evidence, the final loss and the
+    command that opens it, e.g. `gradwatch: dead_layer after 100 steps (layer 1: all units dead
+    from step 0 (1 at step 0)), final loss 0.52; tensorboard --logdir outputs/2026-.../...`."""
+    verdict = record.get("verdict") or record.get("status", "unknown")
+    evidence = next((f.get("detail") for f in record.get("findings") or []
+                     if isinstance(f, dict) and f.get("code") == verdict), None)
+    status = record.get("status")
+    ended = "" if status in ("completed", "diverged", None) else f" ({status})"
+    return (f"gradwatch: {verdict}{ended} after {record.get('steps', 0)} steps"
+            f"{f' ({evidence})' if evidence else ''}, final loss {_loss_text(record, 4)}; "
+            f"tensorboard --logdir {shlex.quote(_shown_path(run_dir))}")
+
+
 def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
-    """One line per finished run: `[3/18] optimizer.lr=0.1,seed=2  completed  final_loss=0.0012`."""
+    """One line per finished run: `[3/18] optimizer.lr=0.1,seed=2  completed  converged  final_loss=0.0012`
+    (status, then the verdict of its findings)."""
     total = os.environ.get(TOTAL_ENV, "?")
     number = int(hydra_cfg.job.num) + 1
-    loss = record.get("final_loss")
-    loss_text = "-" if not isinstance(loss, int | float) else f"{loss:.6g}"
+    loss_text = _loss_text(record)
     overrides = ",".join(record.get("overrides") or list(hydra_cfg.overrides.task)) or "(defaults)"
-    line = f"[{number}/{total}] {overrides}  {record.get('status', 'unknown')}  final_loss={loss_text}"
+    verdict = f"  {record['verdict']}" if record.get("verdict") else ""
+    line = f"[{number}/{total}] {overrides}  {record.get('status', 'unknown')}{verdict}  final_loss={loss_text}"
     if record.get("error") and record["status"] == "failed":
         line += f"  ({record['error']})"
     print(line, flush=True)
@@ -85,8 +115,9 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # Each run's own convergence threshold (a sweep may sweep it).
         result = write_summary(sweep_dir)
+        others = [name for name in result.written if name != "summary.md"]
         print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/summary.md "
-              f"(summary.csv, report.png)", flush=True)
+              f"({', '.join(others)})", flush=True)
         failed = result.failed
         if result.unreadable:
             print(f"gradwatch: unreadable runs: {', '.join(result.unreadable)}", flush=True)

@@ -1,29 +1,31 @@
 """The sweep summary: one row per run, a grouped view over seeds, written as CSV, Markdown and PNG.
 
-Reads each run's `run.json` and its parquet metrics (never the TensorBoard events: see
-scripts/bench_summary.py). Runs that cannot be read are listed, never crash the summary.
+Reads each run's `run.json`, its config and its parquet metrics once (never the TensorBoard
+events: see scripts/bench_summary.py); outcome, findings and the report's curves all come from
+that one read (`summary.results.read_results`, which the run's end calls too). Runs that cannot
+be read are listed, never crash the summary.
 """
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from gradwatch.config.cli import CONF_DIR
 from gradwatch.config.overrides import override_values
 from gradwatch.storage.files import write_atomic
-from gradwatch.storage.parquet import read_scalars
 from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import read_run
-from gradwatch.summary.outcome import Outcome, natural_key, outcome_of, outcome_tag
+from gradwatch.summary import findings as fx
+from gradwatch.summary.outcome import Outcome, natural_key
+from gradwatch.summary.results import read_results
 from gradwatch.telemetry import tags
 
 # The summary's columns, in order (DESIGN.md, "Summary table"): swept keys go after `status`,
 # the outcome's fields after `seed`, per-layer dead fractions after `dead_fraction_max`.
-LEAD_COLUMNS = ["run_dir", "status"]
+LEAD_COLUMNS = ["run_dir", "status", "verdict", "findings"]
 _OUTCOME = Outcome.names()
 _SPLIT = _OUTCOME.index("dead_fraction_max") + 1
 RESULT_COLUMNS = ["seed", *_OUTCOME[:_SPLIT]]
@@ -33,6 +35,8 @@ GROUPED_METRICS = ["final_loss", "min_loss", "steps_to_converge", "converged", "
 NOT_SWEPT = {"seed", "ckpt_path"}
 
 CSV_FILE, MARKDOWN_FILE, REPORT_FILE = "summary.csv", "summary.md", "report.png"
+# The C YAML loader reads a run's config several times faster than OmegaConf.load.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
@@ -43,6 +47,9 @@ class Summary:
     curves: pd.DataFrame  # run_dir, step, loss: the loss curve of every run
     fixed: dict = field(default_factory=dict)  # overrides every run shares
     unreadable: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # run_dir -> findings.Curves (the report's input)
+    findings: dict = field(default_factory=dict)  # run_dir -> list of findings.Finding
+    written: list[str] = field(default_factory=list)  # file names write_summary wrote
 
     @property
     def failed(self) -> list[str]:
@@ -53,21 +60,12 @@ def configured_thresholds(path: Path) -> tuple[float | None, bool | None]:
     """`summary.converge_below` and `summary.converge_relative` from a config file (a run's
     .hydra/config.yaml, a sweep's multirun.yaml, conf/train.yaml); None for what it does not say."""
     try:
-        summary = OmegaConf.load(path).get("summary") or {}
+        summary = (_read_yaml(Path(path)) or {}).get("summary") or {}
         below, relative = summary.get("converge_below"), summary.get("converge_relative")
         return (None if below is None else float(below)), (None if relative is None else bool(relative))
-    except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
+    except (ValueError, TypeError, AttributeError):
         return None, None
 
-
-def default_thresholds(conf_dir: Path = CONF_DIR) -> tuple[float, bool]:
-    """The defaults of conf/train.yaml, the one place they are set (for folders without a config)."""
-    below, relative = configured_thresholds(Path(conf_dir) / "train.yaml")
-    return (math.nan if below is None else below), bool(relative)
-
-
-def _first_set(*values):
-    return next(v for v in values if v is not None)
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -83,39 +81,148 @@ def _run_number(path: Path) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def _load(path: Path):
+def _read_yaml(path: Path):
+    """A YAML file's content (plain dicts and lists), or None when missing or unreadable."""
     try:
-        return OmegaConf.load(path) if path.is_file() else None
-    except (OSError, ValueError, OmegaConfBaseException):
+        return yaml.load(path.read_text(), Loader=_YAML_LOADER)
+    except (OSError, ValueError, yaml.YAMLError):
         return None
 
 
-def swept_values(record: dict, paths: RunPaths) -> dict:
+def _choices(path: Path) -> dict | None:
+    """`hydra.runtime.choices` of a run's `.hydra/hydra.yaml`, reading only that block (the rest
+    of the file is most of a summary's YAML time); the whole file when the block is not found."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    start = text.find("\n    choices:\n")
+    if start >= 0:
+        block = []
+        for line in text[start:].split("\n")[2:]:
+            if not line.startswith("      "):
+                break
+            block.append(line[6:])
+        try:
+            found = yaml.load("\n".join(block), Loader=_YAML_LOADER)
+            if isinstance(found, dict):
+                return found
+        except yaml.YAMLError:
+            pass
+    try:
+        node = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError:
+        return None
+    runtime = ((node or {}).get("hydra") or {}).get("runtime") if isinstance(node, dict) else None
+    choices = runtime.get("choices") if isinstance(runtime, dict) else None
+    return choices if isinstance(choices, dict) else None
+
+
+_MISSING = object()
+
+
+def _has_interpolation(value) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_has_interpolation(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_interpolation(v) for v in value)
+    return False
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+    return node
+
+
+def _nested(key: str, value) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+# (override, its key's value in the config, its group's choice) -> {key: value}: a sweep's runs
+# share most overrides, and Hydra's parser is the summary's largest cost after the parquet.
+_VALUES: dict = {}
+
+
+def swept_values(record: dict, paths: RunPaths, config: dict | None = None) -> dict:
     """The value of each overridden key in this run: a group's choice by name (`.hydra/hydra.yaml`),
-    any other key from the resolved `.hydra/config.yaml`, else as typed."""
+    any other key from the resolved `.hydra/config.yaml` (`config`, when already read), else as typed."""
     items = record.get("overrides")
     if not isinstance(items, list):
-        loaded = _load(paths.overrides)
-        items = list(loaded) if loaded is not None else []
-    hydra_node = _load(paths.hydra_config)
-    choices = OmegaConf.select(hydra_node, "hydra.runtime.choices", default=None) if hydra_node else None
+        loaded = _read_yaml(paths.overrides)
+        items = [str(i) for i in loaded] if isinstance(loaded, list) else []
+    items = [str(item) for item in items]
+    if not items:
+        return {}
+    if config is None:
+        config = _read_yaml(paths.config)
+    if not isinstance(config, dict):
+        config = None
+    keys = [item.split("=", 1)[0].lstrip("+~") for item in items]
+    # A group choice by its name: only a key without a dot can be a group here.
+    choices = (_choices(paths.hydra_config) if any("." not in key for key in keys) else None) or {}
+    values: dict = {}
     try:
-        return override_values(items, _load(paths.config), choices)
+        for item, key in zip(items, keys, strict=True):
+            choice = {key: choices[key]} if key in choices else None
+            node = _MISSING if config is None or choice else _lookup(config, key)
+            if _has_interpolation(node):  # its value needs the whole config to resolve
+                values.update(override_values([item], OmegaConf.create(config), choice))
+                continue
+            cache = (item, repr(node), repr(choice))
+            if cache not in _VALUES:
+                given = None if node is _MISSING else OmegaConf.create(_nested(key, node))
+                _VALUES[cache] = override_values([item], given, choice)
+            values.update(_VALUES[cache])
     except Exception:  # noqa: BLE001 - overrides Hydra cannot parse: no swept values for this run
         return {}
+    return values
+
+
+def _merged_thresholds(*configs) -> dict:
+    """The `summary` and `diagnosis` sections of several configs, later ones winning per key."""
+    merged: dict = {"summary": {}, "diagnosis": {}}
+    for config in configs:
+        if not isinstance(config, dict):
+            continue
+        for section, values in merged.items():
+            given = config.get(section)
+            if isinstance(given, dict):
+                values.update({k: v for k, v in given.items() if v is not None})
+    return merged
+
+
+def run_thresholds(config: dict | None, fallback: dict | None = None, converge_below: float | None = None,
+                   relative: bool | None = None) -> fx.Thresholds:
+    """A run's thresholds: `converge_below`/`relative` where given, else its own config's
+    (`summary.*`, `diagnosis.*`), else `fallback`'s (the sweep's multirun.yaml), else the defaults."""
+    merged = _merged_thresholds(fallback, config)
+    try:
+        thresholds = fx.Thresholds.from_config(merged)
+    except (TypeError, ValueError):  # a value that is no number: the sweep's, else the defaults
+        try:
+            thresholds = fx.Thresholds.from_config(_merged_thresholds(fallback))
+        except (TypeError, ValueError):
+            thresholds = fx.Thresholds()
+    if converge_below is not None:
+        thresholds = dataclasses.replace(thresholds, converge_below=float(converge_below))
+    if relative is not None:
+        thresholds = dataclasses.replace(thresholds, converge_relative=bool(relative))
+    return thresholds
 
 
 def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None, relative: bool | None = None,
-                  fallback: tuple[float | None, bool | None] = (None, None)):
-    """One row of the summary and the run's loss curve; problems go into the row's `error`.
-
-    The convergence threshold is `converge_below`/`relative` where given, else the run's own
-    config, else `fallback` (the sweep's, then conf/train.yaml's).
-    """
+                  fallback: dict | None = None):
+    """One row of the summary, the run's loss curve and its results (outcome, findings, curves);
+    problems go into the row's `error`. Thresholds as in `run_thresholds`."""
     paths = RunPaths(run_dir)
-    own_below, own_relative = configured_thresholds(paths.config)
-    converge_below = _first_set(converge_below, own_below, fallback[0])
-    relative = _first_set(relative, own_relative, fallback[1])
+    config = _read_yaml(paths.config)
+    thresholds = run_thresholds(config, fallback, converge_below, relative)
     row: dict = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".", "status": "unknown"}
     problems = []
     record: dict = {}
@@ -128,21 +235,22 @@ def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None
         problems.append("no run.json")
     except (OSError, ValueError) as err:
         problems.append(f"run.json unreadable ({err})")
-    row["overrides"] = swept_values(record, paths)
+    row["overrides"] = swept_values(record, paths, config)
     row["seed"] = record.get("seed", row["overrides"].get("seed"))
 
-    scalars = read_scalars(run_dir, keep=outcome_tag)
-    outcome = outcome_of(scalars, converge_below, relative)
-    problems += [f"metrics {p}" for p in scalars.unreadable]
+    results = read_results(run_dir, thresholds)
+    outcome = results.outcome
+    problems += [f"metrics {p}" for p in results.unreadable]
     if row["status"] == "diverged" and not outcome.diverged:
         outcome.diverged, outcome.converged = True, False
+    row["verdict"], row["findings"] = results.verdict, results.codes
     row.update(outcome.row())
     if not record and not outcome.steps:
         row["status"] = "unreadable"
     if problems:
         row["error"] = "; ".join(filter(None, [row.get("error"), *problems]))
-    steps, losses = scalars.series(tags.LOSS)
-    return row, pd.DataFrame({"run_dir": row["run_dir"], "step": steps, "loss": losses})
+    steps, losses = results.curves.get(tags.LOSS)
+    return row, pd.DataFrame({"run_dir": row["run_dir"], "step": steps, "loss": losses}), results
 
 
 def grouped_view(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
@@ -158,20 +266,27 @@ def grouped_view(runs: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
     grouped = numeric.groupby(keys, dropna=False, sort=True)[metrics].agg(["mean", "std"])
     grouped.columns = [f"{m}_{stat}" for m, stat in grouped.columns]
     grouped.insert(0, "runs", numeric.groupby(keys, dropna=False, sort=True).size())
+    if "verdict" in runs.columns:  # runs per verdict: `verdict_converged`, ... in verdict order
+        numeric["verdict"] = runs["verdict"].fillna(fx.NO_VERDICT).astype(str)
+        counts = numeric.groupby(keys, dropna=False, sort=True)["verdict"].value_counts().unstack(fill_value=0)
+        counts = counts.reindex(grouped.index).fillna(0).astype(int)
+        order = [*fx.VERDICT_ORDER, fx.NO_VERDICT]
+        for name in sorted(counts.columns, key=lambda v: (order.index(v) if v in order else len(order), v)):
+            grouped[f"verdict_{name}"] = counts[name]
     return grouped.reset_index()
 
 
 def summarize(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
-    """The summary of every run under `folder`; thresholds as in `summarize_run`."""
+    """The summary of every run under `folder`; thresholds as in `run_thresholds`, the sweep's
+    `multirun.yaml` standing in for a run without a config."""
     folder = Path(folder)
-    sweep_below, sweep_relative = configured_thresholds(folder / "multirun.yaml")
-    default_below, default_relative = default_thresholds()
-    fallback = (_first_set(sweep_below, default_below), _first_set(sweep_relative, default_relative))
-    rows, curves, unreadable = [], [], []
+    fallback = _read_yaml(folder / "multirun.yaml")
+    rows, curves, unreadable, metrics, findings = [], [], [], {}, {}
     for run_dir in find_runs(folder):
-        row, curve = summarize_run(run_dir, folder, converge_below, relative, fallback)
+        row, curve, results = summarize_run(run_dir, folder, converge_below, relative, fallback)
         rows.append(row)
         curves.append(curve)
+        metrics[row["run_dir"]], findings[row["run_dir"]] = results.curves, results.findings
         if row["status"] == "unreadable" or "unreadable" in str(row.get("error") or "") \
                 or "metrics part-" in str(row.get("error") or ""):
             unreadable.append(row["run_dir"])
@@ -188,7 +303,7 @@ def summarize(folder: Path, converge_below: float | None = None, relative: bool 
     runs = runs.reindex(columns=columns)
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["run_dir", "step", "loss"])
     grouped = grouped_view(runs, keys) if len(runs) else pd.DataFrame()
-    return Summary(runs, grouped, keys, curve_frame, fixed, unreadable)
+    return Summary(runs, grouped, keys, curve_frame, fixed, unreadable, metrics, findings)
 
 
 def _mean_std(grouped: pd.DataFrame, metric: str) -> pd.Series:
@@ -209,6 +324,11 @@ def readable_grouped(summary: Summary) -> pd.DataFrame:
     for rate in ("converged", "diverged"):
         if f"{rate}_mean" in grouped:
             table[rate] = [f"{v:.0%}" for v in grouped[f"{rate}_mean"]]
+    counts = [c for c in grouped.columns if c.startswith("verdict_")]
+    if counts:  # `converged 2, dead_layer 1`: the runs of the setting per verdict
+        names = [c.removeprefix("verdict_") for c in counts]
+        table["verdicts"] = [", ".join(f"{name} {int(n)}" for name, n in zip(names, row, strict=True) if n)
+                             for row in grouped[counts].itertuples(index=False)]
     return table
 
 
@@ -218,6 +338,9 @@ def to_markdown(summary: Summary, folder: Path) -> str:
              f"fixed: {', '.join(f'{k}={v}' for k, v in summary.fixed.items()) or 'nothing'}.", ""]
     if summary.unreadable:
         lines += [f"Unreadable: {', '.join(summary.unreadable)}", ""]
+    happened = fx.what_happened(summary.runs, summary.swept) if len(summary.runs) else []
+    if happened:
+        lines += ["## What happened", "", *happened, ""]
     lines += ["## Per setting (mean and std over seeds)", "",
               readable_grouped(summary).to_markdown(index=False) if len(summary.grouped) else "(none)", "",
               "## Per run", "", summary.runs.drop(columns=["error"]).to_markdown(index=False, floatfmt=".6g"), ""]
@@ -225,12 +348,17 @@ def to_markdown(summary: Summary, folder: Path) -> str:
 
 
 def write_summary(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
-    """Write summary.csv, summary.md and report.png into `folder`; each file atomically."""
-    from gradwatch.summary.report import render_report
+    """Write summary.csv, summary.md and the report's PNGs (`report.render_reports`: report.png,
+    report_heatmap.png, report_dead.png, report_gradients.png as the runs have data for them)
+    into `folder`, each file atomically; `summary.written` lists the file names."""
+    from gradwatch.summary.report import render_reports
 
     folder = Path(folder)
     summary = summarize(folder, converge_below, relative)
     write_atomic(folder / CSV_FILE, summary.runs.to_csv(index=False).encode())
     write_atomic(folder / MARKDOWN_FILE, to_markdown(summary, folder).encode())
-    write_atomic(folder / REPORT_FILE, render_report(summary))
+    pngs = render_reports(summary, summary.metrics) if len(summary.runs) else {}
+    for name, png in pngs.items():
+        write_atomic(folder / name, png)
+    summary.written = [CSV_FILE, MARKDOWN_FILE, *pngs]
     return summary

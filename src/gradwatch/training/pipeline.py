@@ -30,8 +30,10 @@ from gradwatch.config.overrides import override_values, readable
 from gradwatch.storage.files import write_atomic
 from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import RunRecord, read_run
+from gradwatch.summary import findings as fx
 from gradwatch.summary import sweep
-from gradwatch.summary.outcome import Outcome, read_outcome
+from gradwatch.summary.outcome import Outcome
+from gradwatch.summary.results import RunResults, read_results
 from gradwatch.telemetry.distributed import StopTogether, is_rank_zero
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.training.checkpointing import LastCheckpoint, check_fits, read_checkpoint, resolve_ckpt_path
@@ -64,6 +66,7 @@ class RunResult:
     run_dir: Path
     record: dict
     exit_code: int = 0  # EXIT_SIGTERM when a SIGTERM arrived while the results were being written
+    results: RunResults | None = None  # findings and verdict (also in `record`)
 
     @property
     def value(self) -> float:
@@ -118,6 +121,31 @@ class SigtermGuard:
     def __exit__(self, *exc) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+
+def quiet_lightning() -> None:
+    """No Lightning banners or tips (`GPU available`, the litlogger tip, "`Trainer.fit` stopped"):
+    gradwatch's own line says how the run went. Warnings and errors still show."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def relu_widths(model: torch.nn.Module) -> dict[str, int]:
+    """{ReLU layer: its unit count} where the module just before it in its container says
+    (`out_features`, `out_channels`), for the findings' `16 of 16 units dead`."""
+    from gradwatch.telemetry.callback import relu_layers
+
+    modules = dict(model.named_modules())
+    widths = {}
+    for name, _ in relu_layers(model):
+        parent, _, index = name.rpartition(".")
+        if not index.isdigit():
+            continue
+        before = modules.get(f"{parent}.{int(index) - 1}" if parent else str(int(index) - 1))
+        width = getattr(before, "out_features", None) or getattr(before, "out_channels", None)
+        if isinstance(width, int):
+            widths[name] = width
+    return widths
 
 
 def _check_top_level(cfg: DictConfig) -> None:
@@ -240,9 +268,8 @@ def run(cfg: DictConfig) -> RunResult:
     except (OSError, ValueError):
         previous = None
     record = RunRecord(paths.root, overrides, cfg.get("seed"), enabled=is_rank_zero())
+    quiet_lightning()
     if multirun:
-        # Lightning's banners stay out of the sweep's one line per run.
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         torch.set_num_threads(max(1, int(os.environ.get(sweep.THREADS_ENV, torch.get_num_threads()))))
 
     with SigtermGuard() as sigterm:
@@ -266,7 +293,8 @@ def run(cfg: DictConfig) -> RunResult:
         sigterm.defer()  # from here on a SIGTERM waits until the results are written
         try:
             return _finish(cfg, paths, prepared.recorder, record, previous, overrides, status, error, code,
-                           wall_s, resumed=prepared.ckpt_path is not None, sigterm=sigterm)
+                           wall_s, resumed=prepared.ckpt_path is not None, sigterm=sigterm,
+                           units=relu_widths(prepared.module.model))
         except OSError as err:  # a full disk, a folder gone: every file written so far stays whole
             message = f"{first_line(err)} (while writing the results; the run was {status})"
             try:
@@ -278,26 +306,32 @@ def run(cfg: DictConfig) -> RunResult:
 
 def _finish(cfg, paths: RunPaths, recorder: StepRecorder, record: RunRecord, previous: dict | None,
             overrides: list[str], status: str, error: str | None, code: int, wall_s: float, resumed: bool,
-            sigterm: SigtermGuard) -> RunResult:
-    """The outcome from the run's parquet (as the summary reads it), the HParams row, run.json."""
+            sigterm: SigtermGuard, units: dict[str, int] | None = None) -> RunResult:
+    """Outcome and findings from the run's parquet (as the summary reads them, with the same
+    thresholds), the findings as TensorBoard text, the HParams row, run.json."""
     recorder.flush()  # however fit ended (Lightning skips teardown hooks after an exception)
-    outcome, unreadable = read_outcome(paths.root, cfg.summary.converge_below, cfg.summary.converge_relative)
-    if status == "completed" and (recorder.divergence is not None or outcome.diverged):
+    results = read_results(paths.root, fx.Thresholds.from_config(cfg), units)
+    outcome, unreadable = results.outcome, results.unreadable
+    if status == "completed" and (recorder.divergence is not None or outcome.diverged
+                                  or results.verdict == "diverged"):
         status = "diverged"
         error = (recorder.divergence or {}).get("reason") or "a non-finite loss or gradient"
     if unreadable:
         error = "; ".join(filter(None, [error, *(f"metrics {p}" for p in unreadable)]))
+    # After the last step: a later resume purges them with the steps it replaces.
+    recorder.add_text("findings", fx.as_markdown(results.findings), step=outcome.steps)
     recorder.add_hparams(hparams(cfg, overrides),
                          {HPARAMS_PREFIX + k: v for k, v in outcome.hparams_metrics().items()},
-                         step=outcome.steps)  # at the end: a later resume purges it with the steps it replaces
+                         step=outcome.steps)
     recorder.close()
     if resumed and previous is not None and is_number(previous.get("wall_s")):
         wall_s += previous["wall_s"]  # a resumed run's time is the time of all its fits
     record.write(status=status, error=error, wall_s=round(wall_s, 6), **outcome.record(),
-                 diverged_at=(recorder.divergence or {}).get("step"))
+                 diverged_at=(recorder.divergence or {}).get("step"), **results.record())
     if status in ("failed", "interrupted"):
         raise RunFailed(error, status, code, record.data)
-    return RunResult(status, outcome, paths.root, record.data, EXIT_SIGTERM if sigterm.received else 0)
+    return RunResult(status, outcome, paths.root, record.data, EXIT_SIGTERM if sigterm.received else 0,
+                     results)
 
 
 def _fit(prepared: _Prepared, record: RunRecord, sigterm: SigtermGuard):
