@@ -1,4 +1,4 @@
-"""Findings: what happened to a run, in words, read from its recorded curves (DESIGN.md, "Findings").
+"""Findings: what happened to a run, in words, read from its recorded curves (README, "Findings and verdicts").
 
 Pure functions over the long DataFrame `read_metrics(run_dir)` returns (`step`, `tag`, `value`), so
 the run's end and `scripts/summarize.py` call the same `diagnose` and always agree.
@@ -23,7 +23,7 @@ from gradwatch.config.cli import CONF_DIR
 from gradwatch.summary.outcome import converge_threshold, steps_to_converge
 from gradwatch.telemetry import tags
 
-# The verdict is the first of these a run has (DESIGN.md); a run with none has NO_VERDICT.
+# The verdict is the first of these a run has; a run with none has NO_VERDICT.
 VERDICT_ORDER = ("diverged", "dead_layer", "vanishing_gradients", "exploding_gradients", "dying_relu",
                  "converged", "stalled")
 NO_VERDICT = "none"
@@ -95,7 +95,7 @@ class Thresholds:
 def diagnosis_tag(tag: str) -> bool:
     """The tags `diagnose` and the report read: pass as `read_metrics(run_dir, keep=diagnosis_tag)`."""
     return (tag in (tags.LOSS, tags.GLOBAL_NORM) or tags.is_dead_fraction(tag)
-            or (tag.startswith("grad/") and tag.endswith(("/norm", "/nonfinite"))))
+            or tags.is_grad_stat(tag, "norm") or tags.is_grad_stat(tag, "nonfinite"))
 
 
 class Curves:
@@ -132,7 +132,7 @@ class Curves:
 
     def params(self) -> list[str]:
         """Parameters with a gradient norm curve, in network order: `['0.weight', '0.bias', ...]`."""
-        return [tags.layer_of(n) for n in self.names if n.startswith("grad/") and n.endswith("/norm")]
+        return [tags.layer_of(n) for n in self.names if tags.is_grad_stat(n, "norm")]
 
     def layers(self) -> list[str]:
         """ReLU layers with a dead-fraction curve, in network order."""
@@ -229,7 +229,7 @@ def _diverged(curves: Curves) -> list[Finding]:
             kinds[i], rank[i] = 1, i
         elif name.startswith("act/"):
             kinds[i], rank[i] = 2, i
-    counts_nonfinite = np.array([n.startswith("grad/") and n.endswith("/nonfinite") for n in curves.names],
+    counts_nonfinite = np.array([tags.is_grad_stat(n, "nonfinite") for n in curves.names],
                                 dtype=bool)
     read = kinds[curves.codes] > 0
     bad = read & (~np.isfinite(curves.values) | (counts_nonfinite[curves.codes] & (curves.values > 0)))

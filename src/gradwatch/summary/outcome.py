@@ -101,7 +101,7 @@ def outcome_tag(tag: str) -> bool:
 
 
 def _is_nonfinite_count(tag: str) -> bool:
-    return tag.startswith("grad/") and tag == tags.grad(tags.layer_of(tag), "nonfinite")
+    return tags.is_grad_stat(tag, "nonfinite")
 
 
 def outcome_of(scalars, converge_below: float, relative: bool = False) -> Outcome:

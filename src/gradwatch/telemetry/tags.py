@@ -1,4 +1,4 @@
-"""TensorBoard tag names: the one place they are spelled (DESIGN.md, "TensorBoard tags")."""
+"""TensorBoard tag names: the one place they are spelled (README, "TensorBoard tags")."""
 
 import re
 
@@ -25,6 +25,20 @@ def act(layer: str, stat: str) -> str:
 def update(param: str) -> str:
     """The update-to-weight ratio of a step: ||theta after - theta before|| / ||theta before||."""
     return f"update/{param}/ratio"
+
+
+def hparam_metric(name: str) -> str:
+    """A final metric in TensorBoard's HParams tab: `hparams/final_loss`."""
+    return f"hparams/{name}"
+
+
+def is_grad_stat(tag: str, stat: str) -> bool:
+    """`grad/<param>/<stat>` for any parameter (`grad/global_norm` is not a parameter's).
+
+    >>> is_grad_stat("grad/0.weight/nonfinite", "nonfinite"), is_grad_stat("grad/global_norm", "norm")
+    (True, False)
+    """
+    return tag.startswith("grad/") and tag.endswith(f"/{stat}")
 
 
 def grad_histogram(param: str) -> str:

@@ -34,6 +34,7 @@ from gradwatch.summary import findings as fx
 from gradwatch.summary import sweep
 from gradwatch.summary.outcome import Outcome
 from gradwatch.summary.results import RunResults, read_results
+from gradwatch.telemetry import tags
 from gradwatch.telemetry.distributed import StopTogether, is_rank_zero
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.training.checkpointing import LastCheckpoint, check_fits, read_checkpoint, resolve_ckpt_path
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 # Exit codes: a refused command, a failed run, and interrupted runs as shells report signals.
 EXIT_REFUSED, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
 HPARAMS_GROUPS = ("model", "dataset", "loss", "optimizer")
-HPARAMS_PREFIX = "hparams/"
 
 
 class RunFailed(Exception):
@@ -321,7 +321,7 @@ def _finish(cfg, paths: RunPaths, recorder: StepRecorder, record: RunRecord, pre
     # After the last step: a later resume purges them with the steps it replaces.
     recorder.add_text("findings", fx.as_markdown(results.findings), step=outcome.steps)
     recorder.add_hparams(hparams(cfg, overrides),
-                         {HPARAMS_PREFIX + k: v for k, v in outcome.hparams_metrics().items()},
+                         {tags.hparam_metric(k): v for k, v in outcome.hparams_metrics().items()},
                          step=outcome.steps)
     recorder.close()
     if resumed and previous is not None and is_number(previous.get("wall_s")):
