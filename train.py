@@ -24,12 +24,23 @@ CONF_DIR = Path(__file__).parent / "conf"
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from gradwatch.config.checks import check_config
     from gradwatch.config.errors import ConfigError
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun:
+        # Every scalar key checked before torch and Lightning load: a typo is refused at once.
+        # (In a sweep the pipeline records the refusal in the run's run.json and the sweep goes on.)
+        try:
+            check_config(cfg)
+        except ConfigError as err:
+            _record_refusal(cfg, str(err))
+            _refused(str(err))
+
     from gradwatch.summary import sweep
     from gradwatch.telemetry.distributed import is_rank_zero
     from gradwatch.training.pipeline import EXIT_REFUSED, RunFailed, exit_code, run
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = run(cfg)
     except (ConfigError, RunFailed) as err:
@@ -46,6 +57,16 @@ def main(cfg: DictConfig) -> float:
     if result.exit_code:
         sys.exit(result.exit_code)
     return result.value
+
+
+def _record_refusal(cfg: DictConfig, message: str) -> None:
+    """A new run folder records why it holds no run (an existing run's record is left as it was)."""
+    from gradwatch.storage.record import RunRecord
+
+    hydra_cfg = HydraConfig.get()
+    record = RunRecord(hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task), cfg.get("seed"))
+    if not record.path.exists():
+        record.write(status="failed", error=message)
 
 
 def _refused(message: str) -> None:

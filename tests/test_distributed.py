@@ -69,7 +69,7 @@ def test_two_processes_equal_one(tmp_path, one_process):
     assert record["final_loss"] == pytest.approx(want["train/loss"][STEPS - 1], rel=1e-5)
     lines = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.startswith("gradwatch:")]
     assert len(lines) == 1, lines
-    assert "completed" in lines[0]
+    assert lines[0].startswith(f"gradwatch: {record['verdict']} after {STEPS} steps")
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
