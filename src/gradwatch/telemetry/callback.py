@@ -99,7 +99,9 @@ class GradientTelemetry(pl.Callback):
         self._pending_tags: list[tuple[str, ...]] = []
         self._kept: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
+        self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
         self._grad_key: tuple[str, ...] | None = None
+        self._grad_list: list | None = None  # the `named` list `_params` was taken from
         self._grad_stats: GradientStats | None = None
         self._update: UpdateRatio | None = None
         self._grad_tags: tuple[str, ...] = ()
@@ -108,7 +110,7 @@ class GradientTelemetry(pl.Callback):
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
         self._fired_epoch: torch.Tensor | None = None
-        self._names_cache: dict[tuple, tuple[str, ...]] = {}
+        self._names_cache: dict[tuple, tuple[tuple[str, ...], tuple]] = {}
 
     # -- setup: the recorder of its own, in any Lightning project -------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -139,6 +141,7 @@ class GradientTelemetry(pl.Callback):
         if self._own_recorder:
             self.recorder.on_fit_start(trainer, pl_module)
         network = network_of(pl_module)
+        self._network_params = list(network.named_parameters())
         self._layers = relu_layers(network) if self.activations else []
         self._calls = [[] for _ in self._layers]
         if self.every_n_steps == 1:
@@ -184,8 +187,7 @@ class GradientTelemetry(pl.Callback):
         if self.every_n_steps > 1:
             self._remove_hooks()
         self._step = step = trainer.global_step
-        named = [(n, p) for n, p in network_of(pl_module).named_parameters() if p.grad is not None]
-        self._named = named
+        named = self._named = self._with_gradients(pl_module)
         if named:
             self._add_gradient_stats(named)
         if any(self._calls):
@@ -199,8 +201,7 @@ class GradientTelemetry(pl.Callback):
             self.recorder.add(names, values)
             self._check_finite(trainer, step, values[: len(self._grad_tags)])
         if named:
-            self._params = [p for _, p in named]
-            self._kept = self._update.before([p.detach() for p in self._params])
+            self._kept = self._update.before(self._params)  # a copy, read under no_grad: no detach needed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._step is not None:
@@ -214,7 +215,7 @@ class GradientTelemetry(pl.Callback):
     def _finish_step(self, trainer, batch_idx: int) -> None:
         step, self._step = self._step, None
         if self._kept is not None:
-            self._pending.append(self._update(self._kept, [p.detach() for p in self._params]))
+            self._pending.append(self._update(self._kept, self._params))
             self._pending_tags.append(self._update_tags)
             self._kept = None
         if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
@@ -248,30 +249,44 @@ class GradientTelemetry(pl.Callback):
             self.recorder = None
 
     # -- what -----------------------------------------------------------------------------------
+    def _with_gradients(self, pl_module) -> list[tuple[str, torch.Tensor]]:
+        """The (name, parameter) pairs that have a gradient this step: every parameter of the
+        network, usually, as one cached list (the statistics objects are cached by it)."""
+        if self._network_params is None:  # called outside a fit
+            self._network_params = list(network_of(pl_module).named_parameters())
+        every = self._network_params
+        if all(p.grad is not None for _, p in every):
+            return every
+        return [(n, p) for n, p in every if p.grad is not None]
+
     def _add_gradient_stats(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        key = tuple(n for n, _ in named)
-        if key != self._grad_key:
-            self._grad_key = key
-            sizes = [p.numel() for _, p in named]
-            self._grad_stats, self._update = GradientStats(sizes), UpdateRatio(sizes)
-            self._grad_tags = tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS) + (tags.GLOBAL_NORM,)
-            self._update_tags = tuple(tags.update(n) for n in key)
-        table = self._grad_stats([p.grad for _, p in named])
+        if named is not self._grad_list:  # usually the same cached list, step after step
+            key = tuple(n for n, _ in named)
+            if key != self._grad_key:
+                self._grad_key = key
+                sizes = [p.numel() for _, p in named]
+                self._grad_stats, self._update = GradientStats(sizes), UpdateRatio(sizes)
+                self._grad_tags = (tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS)
+                                   + (tags.GLOBAL_NORM,))
+                self._update_tags = tuple(tags.update(n) for n in key)
+            self._grad_list = named
+            self._params = [p for _, p in named]
         # Per-parameter rows, then the global norm.
-        self._pending.append(torch.cat([table[:-1].reshape(-1), table[-1:, tags.GRAD_STATS.index("norm")]]))
+        self._pending.append(self._grad_stats.flat([p.grad for p in self._params]))
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:
         present = [i for i, calls in enumerate(self._calls) if calls]
-        views = [unit_view(self._calls[i]) for i in present]
+        # One call: its output as it is; several: concatenated (`unit_view`).
+        outputs = [calls[0] if len(calls) == 1 else unit_view(calls) for calls in self._calls if calls]
         for calls in self._calls:
             calls.clear()
-        key = (tuple(present), tuple((tuple(v.shape), v.dtype) for v in views))
+        key = (tuple(present), tuple(o.shape for o in outputs))
         if key not in self._act_stats:
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
-            self._act_stats[key] = ActivationStats([tuple(v.shape) for v in views]), act_tags, present
-        stats, act_tags, _ = self._act_stats[key]
-        rows, fired = stats(views)
+            self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, present
+        stats, act_tags, present = self._act_stats[key]
+        rows, fired = stats(outputs)
         self._pending.append(rows.reshape(-1))
         self._pending_tags.append(act_tags)
         resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint
@@ -290,11 +305,14 @@ class GradientTelemetry(pl.Callback):
 
     def _step_names(self) -> tuple[str, ...]:
         """This step's tags, one tuple object per combination (the recorder caches by it)."""
-        key = tuple(self._pending_tags)
-        names = self._names_cache.get(key)
-        if names is None:
-            names = self._names_cache[key] = tuple(n for group in key for n in group)
-        return names
+        # Keyed by the groups' identities (hashing ~700 strings a step costs more): the cache
+        # keeps the groups alive, so an id is never reused for another group.
+        key = tuple(map(id, self._pending_tags))
+        cached = self._names_cache.get(key)
+        if cached is None:
+            groups = tuple(self._pending_tags)
+            cached = self._names_cache[key] = tuple(n for group in groups for n in group), groups
+        return cached[0]
 
     def _transfer(self) -> np.ndarray:
         """Everything pending as one float64 vector, brought to the host at once; clears it."""
