@@ -7,6 +7,7 @@ the Trainer's TensorBoardLogger.
 """
 
 import logging
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -95,7 +96,8 @@ class GradientTelemetry(pl.Callback):
         self._calls: list[list[torch.Tensor]] = []
         self._step: int | None = None
         self._named: list[tuple[str, torch.Tensor]] = []
-        self._pending: list[torch.Tensor] = []
+        # This step's numbers on the device, each with what turns it into values on the host.
+        self._pending: list[tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]] = []
         self._pending_tags: list[tuple[str, ...]] = []
         self._kept: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
@@ -215,7 +217,7 @@ class GradientTelemetry(pl.Callback):
     def _finish_step(self, trainer, batch_idx: int) -> None:
         step, self._step = self._step, None
         if self._kept is not None:
-            self._pending.append(self._update(self._kept, self._params))
+            self._pending.append((self._update.norms(self._kept, self._params), self._update.finish))
             self._pending_tags.append(self._update_tags)
             self._kept = None
         if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
@@ -272,7 +274,7 @@ class GradientTelemetry(pl.Callback):
             self._grad_list = named
             self._params = [p for _, p in named]
         # Per-parameter rows, then the global norm.
-        self._pending.append(self._grad_stats.flat([p.grad for p in self._params]))
+        self._pending.append((self._grad_stats.sums([p.grad for p in self._params]), self._grad_stats.finish))
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:
@@ -286,8 +288,8 @@ class GradientTelemetry(pl.Callback):
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
             self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, present
         stats, act_tags, present = self._act_stats[key]
-        rows, fired = stats(outputs)
-        self._pending.append(rows.reshape(-1))
+        counts, fired = stats.counts(outputs)
+        self._pending.append((counts, stats.finish))
         self._pending_tags.append(act_tags)
         resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint
         if self._fired_epoch is not None and resumed_or_same and self._fired_epoch.shape == fired.shape:
@@ -300,7 +302,7 @@ class GradientTelemetry(pl.Callback):
         fired, self._fired_epoch = self._fired_epoch, None
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
             return
-        self._pending.append(self._epoch_stats.epoch_dead_fraction(fired))
+        self._pending.append((self._epoch_stats.epoch_dead_fraction(fired), None))
         self._pending_tags.append(tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in self._epoch_layers))
 
     def _step_names(self) -> tuple[str, ...]:
@@ -315,11 +317,19 @@ class GradientTelemetry(pl.Callback):
         return cached[0]
 
     def _transfer(self) -> np.ndarray:
-        """Everything pending as one float64 vector, brought to the host at once; clears it."""
+        """Everything pending as one float64 vector, brought to the host at once (the step's one
+        device-to-host transfer), finished there; clears it."""
         pending, self._pending, self._pending_tags = self._pending, [], []
         if not pending:
             return np.empty(0)
-        return torch.cat(pending).cpu().numpy()
+        flat = [tensor.reshape(-1) for tensor, _ in pending]
+        host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
+        values, start = [], 0
+        for (_, finish), part in zip(pending, flat, strict=True):
+            end = start + part.numel()
+            values.append(host[start:end] if finish is None else finish(host[start:end]))
+            start = end
+        return np.concatenate(values).astype(np.float64, copy=False)  # a new array: never a view of a buffer
 
     def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
         counts = grad_values[:-1].reshape(len(self._named), len(tags.GRAD_STATS))[:, _NONFINITE]

@@ -14,9 +14,11 @@ inputs' device and nothing here reads a value back to the host: the caller trans
 once (`.cpu()`), which is the step's only synchronisation.
 """
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gradwatch.telemetry.tags import GRAD_STATS
@@ -58,15 +60,17 @@ class SizeGroups:
     order.
 
     `stacks(tensors)` copies every tensor into its row with one `torch._foreach_copy_` (widening
-    bf16/fp16 to float32 exactly) into a buffer made once per device and dtype; the padding is
-    never written, so it stays 0. The stacks are views of that buffer, valid until the next call,
-    and the caller may work in them in place. Buffers that live across steps matter on CPU: a
-    fresh tensor of more than 128 KiB is fresh memory from the OS (glibc's mmap threshold), and
-    its page faults cost more than the arithmetic (measured 2-3x per operation in a training step).
+    bf16/fp16 to float32 exactly) into a buffer made once per device and dtype (`rows` copies of
+    the layout: `UpdateRatio` keeps the weights before and after); the padding is never written,
+    so it stays 0. The stacks are views of that buffer, valid until the next call, and the caller
+    may work in them in place. Buffers that live across steps matter on CPU: a fresh tensor of
+    more than 128 KiB is fresh memory from the OS (glibc's mmap threshold), and its page faults
+    cost more than the arithmetic (measured 2-3x per operation inside a training step).
     """
 
-    def __init__(self, sizes: Sequence[int]):
+    def __init__(self, sizes: Sequence[int], rows: int = 1):
         self.sizes = list(sizes)
+        self.rows = rows
         self.groups, self._order = _groups([0 if n <= SMALL else n for n in self.sizes])
         self.row_sizes = [self.sizes[i] for g in self.groups for i in g]
         self.widths = [max(self.sizes[i] for i in g) for g in self.groups]
@@ -90,37 +94,41 @@ class SizeGroups:
             self._on[device] = order, counts, masks
         return self._on[device]
 
-    def buffer(self, device: torch.device, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Made once per device and dtype: each group's (k, n) view of a zero buffer, and each
-        tensor's slot in it (flat, reshaped to the tensors' shapes on first use)."""
+    def buffer(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+        """Made once per device and dtype: the (rows, total) zero buffer, each group's
+        (rows, k, n) view of it, and per row each tensor's slot (flat, reshaped to the tensors'
+        shapes on first use)."""
         key = (device, dtype)
         if key not in self._buffers:
             total = sum(len(g) * w for g, w in zip(self.groups, self.widths, strict=True))
-            flat = torch.zeros(total, dtype=dtype, device=device)
-            views, slots, start = [], [None] * len(self.sizes), 0
+            flat = torch.zeros(self.rows, total, dtype=dtype, device=device)
+            views, slots, start = [], [[None] * len(self.sizes) for _ in range(self.rows)], 0
             for idx, width in zip(self.groups, self.widths, strict=True):
-                views.append(flat[start:start + len(idx) * width].view(len(idx), width))
+                views.append(flat[:, start:start + len(idx) * width].view(self.rows, len(idx), width))
                 for position, i in enumerate(idx):
                     offset = start + position * width
-                    slots[i] = flat[offset:offset + self.sizes[i]]
+                    for row in range(self.rows):
+                        slots[row][i] = flat[row, offset:offset + self.sizes[i]]
                 start += len(idx) * width
-            self._buffers[key] = views, slots
+            self._buffers[key] = flat, views, slots
         return self._buffers[key]
 
-    def stacks(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """One (k, n) stack per group: `tensors` copied into the `dtype` buffer (default: float32,
-        or float64 when any input is). Call under no_grad."""
+    def stacks(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, row: int = 0
+               ) -> list[torch.Tensor]:
+        """One (k, n) stack per group: `tensors` copied into row `row` of the `dtype` buffer
+        (default: float32, or float64 when any input is). Call under no_grad."""
         if dtype is None:
             dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        views, slots = self.buffer(tensors[0].device, dtype)
+        _, views, slots = self.buffer(tensors[0].device, dtype)
+        targets = slots[row]
         try:
-            torch._foreach_copy_(slots, tensors)
+            torch._foreach_copy_(targets, tensors)
         except RuntimeError:  # first use, or other shapes of the same sizes: slots shaped like the tensors
-            if len(tensors) != len(slots) or any(t.numel() != n for t, n in zip(tensors, self.sizes, strict=True)):
+            if len(tensors) != len(targets) or any(t.numel() != n for t, n in zip(tensors, self.sizes, strict=True)):
                 raise ValueError(f"expected tensors of sizes {self.sizes}") from None
-            slots[:] = [s.reshape(-1).view(t.shape) for s, t in zip(slots, tensors, strict=True)]
-            torch._foreach_copy_(slots, tensors)
-        return views
+            targets[:] = [s.reshape(-1).view(t.shape) for s, t in zip(targets, tensors, strict=True)]
+            torch._foreach_copy_(targets, tensors)
+        return [view[row] for view in views]
 
 
 def _scale_of(abs_max: torch.Tensor) -> torch.Tensor:
@@ -131,12 +139,83 @@ def _scale_of(abs_max: torch.Tensor) -> torch.Tensor:
     return (abs_max.view(int_dtype) & mask).view(abs_max.dtype).clamp_(low, high)
 
 
+class _GroupViews:
+    """One size group's persistent views: its stack, work rows and slots of the raw sums."""
+
+    def __init__(self, work: "_Work", span: slice, rows: slice, shape: tuple[int, int], mask: torch.Tensor | None):
+        self.x = work.flat[span].view(shape)
+        self.magnitude = work.work[3, span].view(shape)
+        self.centred = work.work[0, span].view(shape)
+        self.terms = work.work[:, span].view(4, *shape)
+        self.mask = mask
+        self.inverse = work.inverse[rows, None]
+        self.mean = work.mean[rows, None]
+        self.sums = work.raw[:4, rows]
+        self.total = work.raw[4, rows]
+        self.abs_max = work.raw[5, rows]
+
+
+class _Work:
+    """`GradientStats`' buffers on one device for one dtype, and views of them, made once.
+
+    `raw` (7, rows) holds per row, in grouped order: the centred sum of squares, the sum of
+    squares, the non-finite and non-zero counts, the sum (all of the row scaled into [1, 2)),
+    abs_max and the scale. float32 sums of 0/1 values are exact integers below 2**24 elements
+    (see _count_dtype); a larger group, or float64 gradients, make every sum float64."""
+
+    def __init__(self, stacker: SizeGroups, device: torch.device, dtype: torch.dtype):
+        self.flat = stacker.buffer(device, dtype)[0][0]
+        self.work = torch.zeros(4, self.flat.numel(), dtype=dtype, device=device)
+        rows = len(stacker.sizes)
+        wide = dtype == torch.float64 or max(stacker.widths) >= 2**24
+        self.sum_dtype = torch.float64 if wide else dtype
+        self.raw = torch.zeros(7, rows, dtype=self.sum_dtype, device=device)
+        self.inverse, self.mean = torch.zeros(2, rows, dtype=dtype, device=device)
+        self.n = torch.tensor(stacker.row_sizes, dtype=dtype, device=device)
+        int_dtype, self.exponent_mask, low, high = _EXPONENT[self.sum_dtype]
+        # The scale's exponent bits, kept to normal numbers (see _scale_of), as integers.
+        numpy_float = np.float64 if self.sum_dtype == torch.float64 else np.float32
+        self.low, self.high = (int(np.array(v, dtype=numpy_float).view(f"i{np.dtype(numpy_float).itemsize}"))
+                               for v in (low, high))
+        self.scale_bits = self.raw[6].view(int_dtype)
+        self.abs_max_bits = self.raw[5].view(int_dtype)
+        masks = stacker.constants(device)[2]
+        self.groups, start, row = [], 0, 0
+        for idx, width, mask in zip(stacker.groups, stacker.widths, masks, strict=True):
+            end = start + len(idx) * width
+            self.groups.append(_GroupViews(self, slice(start, end), slice(row, row + len(idx)), (len(idx), width),
+                                           None if mask is None else mask.to(dtype)))
+            start, row = end, row + len(idx)
+
+
+def _finish_gradient_rows(raw, n, root, order, xp):
+    """The rows (mean, std, zero_fraction, norm, abs_max, nonfinite) in input order and the global
+    norm, from `_Work.raw` as float64; `xp` is numpy (on the host) or torch (on the device)."""
+    centred_squares, squares, nonfinite, nonzero, total, abs_max, scale = raw
+    mean = total * scale / n
+    std = xp.sqrt(centred_squares) * scale / root  # a one-element row: centred sum 0, root 1
+    # The float32 sum of squares holds abs_max**2 as one of its terms: its root is >= abs_max
+    # but for the last bit; keep the inequality exact.
+    norm = xp.maximum(xp.sqrt(squares) * scale, abs_max)
+    table = xp.stack([mean, std, (n - nonzero) / n, norm, abs_max, nonfinite], 1)
+    global_norm = xp.sqrt((norm * norm).sum())  # float64: no overflow
+    return (table if order is None else table[order]), global_norm
+
+
 class GradientStats:
     """Statistics of each gradient, as rows (mean, std, zero_fraction, norm, abs_max, nonfinite).
 
     std is torch's unbiased std, and 0.0 for a one-element tensor. A last row holds the global norm
     (L2 over all gradients) in its `norm` column, the other columns 0. The table is float64, on
     the gradients' device.
+
+    The gradients are copied into one flat buffer (`SizeGroups`); every element-wise step runs
+    once over that whole buffer and every reduction once per group, into buffers kept across
+    calls: about 15 + 5 per group tensor operations a step, whatever the number of parameters
+    (in a training step on a CPU each costs ~10 us of overhead, more than the arithmetic).
+    `sums(grads)` stops there, on the device; `finish(sums)` does the per-row arithmetic on the
+    host after the step's one transfer (numpy, a few microseconds instead of ~12 more tensor
+    operations); `__call__` does both on the device.
 
     >>> GradientStats([2, 1])([torch.tensor([3.0, 4.0]), torch.tensor([0.0])]).tolist()[0]
     [3.5, 0.7071067811865476, 0.0, 5.0, 4.0, 0.0]
@@ -146,83 +225,65 @@ class GradientStats:
         self.sizes = list(sizes)
         self.stacker = SizeGroups(self.sizes)
         self._on: dict = {}
-
-    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        """Made once per device and dtype: the row order, element counts, masks, 1/sqrt(n - 1),
-        and per group two work buffers of its shape."""
-        if (device, dtype) not in self._on:
-            order, n, masks = self.stacker.constants(device)
-            # std = sqrt(centred sum of squares / (n - 1)); a one-element row has a centred sum of 0.
-            inverse_root = (n - 1).clamp(min=1).rsqrt()
-            largest = max(len(g) * w for g, w in zip(self.stacker.groups, self.stacker.widths, strict=True))
-            work = torch.empty(2, largest, dtype=dtype, device=device)
-            works = [work[:, :len(g) * w].view(2, len(g), w) for g, w in zip(self.stacker.groups, self.stacker.widths,
-                                                                             strict=True)]
-            self._on[device, dtype] = order, n, masks, inverse_root, works
-        return self._on[device, dtype]
+        order = self.stacker._order
+        self._order = None if order == sorted(order) else np.asarray(order)
+        self._n = np.asarray(self.stacker.row_sizes, dtype=np.float64)
+        self._root = np.sqrt(np.maximum(self._n - 1, 1))
 
     @torch.no_grad()
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        table = self.rows(grads)
-        global_norm = torch.linalg.vector_norm(table[:, GRAD_STATS.index("norm")])  # float64: no overflow
-        global_row = torch.zeros(1, len(GRAD_STATS), dtype=torch.float64, device=table.device)
+        raw = self.sums(grads).double()
+        device = raw.device
+        n, root = torch.from_numpy(self._n).to(device), torch.from_numpy(self._root).to(device)
+        order = None if self._order is None else torch.from_numpy(self._order).to(device)
+        table, global_norm = _finish_gradient_rows(raw, n, root, order, torch)
+        global_row = torch.zeros(1, len(GRAD_STATS), dtype=torch.float64, device=device)
         global_row[0, GRAD_STATS.index("norm")] = global_norm
         return torch.cat([table, global_row])
 
-    @torch.no_grad()
-    def flat(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The rows of `__call__` flattened, then the global norm: one float64 vector."""
-        table = self.rows(grads)
-        global_norm = torch.linalg.vector_norm(table[:, GRAD_STATS.index("norm")], dim=0, keepdim=True)
-        return torch.cat([table.reshape(-1), global_norm])
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        """`sums` on the host (any float dtype) -> the rows of `__call__` flattened, then the
+        global norm (float64)."""
+        raw = np.asarray(raw, dtype=np.float64).reshape(7, -1)
+        table, global_norm = _finish_gradient_rows(raw, self._n, self._root, self._order, np)
+        return np.append(table.reshape(-1), global_norm)
 
     @torch.no_grad()
-    def rows(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The per-gradient rows (no global norm row), float64, in input order."""
-        stacks = self.stacker.stacks(grads)
-        order, n, masks, inverse_root, works = self._constants(stacks[0].device, stacks[0].dtype)
-        parts = [self._group_sums(g, mask, work) for g, mask, work in zip(stacks, masks, works, strict=True)]
-        # (k, 6): the scaled rows' sum, norm and centred sum of squares, abs_max, scale and
-        # non-finite count; and (k,) non-zero counts (exact integers).
-        sums = (torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]).double()
-        nonzero = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        total, norm, squares, abs_max, scale, nonfinite = sums.unbind(1)
-        mean = total * scale / n
-        std = squares.sqrt() * scale * inverse_root
-        # The float32 sum of squares holds abs_max**2 as one of its terms: its root is >= abs_max
-        # but for the last bit; keep the inequality exact.
-        norm = torch.maximum(norm * scale, abs_max)
-        zero_fraction = (n - nonzero) / n
-        return torch.stack([mean, std, zero_fraction, norm, abs_max, nonfinite], dim=1).index_select(0, order)
+    def sums(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (7, rows) raw sums of `_Work` on the gradients' device; valid until the next call."""
+        self.stacker.stacks(grads)
+        w = self._work(grads[0].device, torch.float64 if any(g.dtype == torch.float64 for g in grads)
+                       else torch.float32)
+        x, work, groups = w.flat, w.work, w.groups
+        # Scale each row by the power of two of its largest magnitude: its largest |x| is in
+        # [1, 2), so no square overflows or underflows (see the module docstring).
+        torch.abs(x, out=work[3])
+        for g in groups:
+            torch.amax(g.magnitude, dim=1, out=g.abs_max)
+        torch.bitwise_and(w.abs_max_bits, w.exponent_mask, out=w.scale_bits).clamp_(w.low, w.high)
+        torch.reciprocal(w.raw[6], out=w.inverse)
+        for g in groups:
+            g.x.mul_(g.inverse)  # a power of two: the same values as x / scale
+            torch.sum(g.x, dim=1, out=g.total)
+        torch.div(w.raw[4], w.n, out=w.mean)
+        for g in groups:  # two-pass variance: centred, then squared
+            torch.sub(g.x, g.mean, out=g.centred)
+            if g.mask is not None:
+                g.centred.mul_(g.mask)  # padding is not a sample
+        work[0].square_()
+        torch.mul(x, x, out=work[1])
+        torch.sub(x, x, out=work[2])  # 0 for a finite x, NaN for inf and NaN
+        # Rows 2 and 3 become 0/1: non-finite, and non-zero (NaN != 0; torch's sign(NaN) is 0).
+        work[2:].nan_to_num_(nan=1.0).sign_()
+        # Float sums of 0/1 values: exact integers, 5-10x cheaper than boolean counts.
+        for g in groups:
+            torch.sum(g.terms, dim=2, dtype=w.sum_dtype, out=g.sums)
+        return w.raw
 
-    @staticmethod
-    def _group_sums(g: torch.Tensor, mask: torch.Tensor | None, work: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a (k, n) stack (zero-padded where `mask` is given; scaled in place) and a (2, k, n)
-        work buffer: (k, 6) sums of the rows scaled into [1, 2) (sum, norm, centred sum of
-        squares), the unscaled abs_max, the scale and the non-finite count; and (k,) non-zero
-        counts. The cheapest exact operations measured (scripts/bench_telemetry.py): a two-pass
-        variance instead of torch.std_mean along a dimension, integer or float sums of 0/1 values
-        instead of boolean counts (5-10x cheaper)."""
-        k, n = g.shape
-        magnitude = torch.abs(g, out=work[0])
-        abs_max = magnitude.amax(dim=1)
-        scale = _scale_of(abs_max)
-        x = g.mul_(scale.reciprocal()[:, None])  # a power of two: the same values as g / scale
-        total = x.sum(dim=1)
-        norm = torch.linalg.vector_norm(x, dim=1)
-        real = n if mask is None else mask.sum(dim=1)
-        centred = torch.sub(x, (total / real)[:, None], out=work[1])
-        if mask is not None:
-            centred.mul_(mask)  # padding is not a sample
-        squares = centred.square_().sum(dim=1)
-        # x - x is 0 for a finite x and NaN for inf and NaN.
-        count_dtype = x.dtype if x.dtype == torch.float64 else _count_dtype(n)
-        nonfinite = torch.sub(x, x, out=centred).nan_to_num_(nan=1.0).sum(dim=1, dtype=count_dtype)
-        # |g| as an integer is 0 for +-0 and positive otherwise (NaN included): min(bits, 1) is 0/1.
-        bits = magnitude.view(_INT_VIEW[magnitude.dtype]).clamp_(max=1)
-        nonzero = bits.sum(dim=1, dtype=torch.int32 if n < 2**31 else torch.int64)
-        return torch.stack([total, norm, squares, abs_max, scale, nonfinite], dim=1), nonzero
+    def _work(self, device: torch.device, dtype: torch.dtype) -> _Work:
+        if (device, dtype) not in self._on:
+            self._on[device, dtype] = _Work(self.stacker, device, dtype)
+        return self._on[device, dtype]
 
 
 def gradient_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -234,11 +295,12 @@ class UpdateRatio:
     """||theta_after - theta_before|| / ||theta_before|| per parameter, for one optimizer step.
 
     `before(params)` keeps a float64 copy of the weights (laid out as `SizeGroups`, one
-    `_foreach_copy_`) and their norms; `__call__(kept, params)` subtracts the weights from it in
-    place (one `_foreach_sub_`) and gives the ratios, float64 on the weights' device: inf for
-    weights that were all 0 and moved, 0 for weights that did not move. float64 squares of
-    float32 (or half) weights neither overflow nor underflow. `kept` is valid until the next
-    `before`.
+    `_foreach_copy_`); `norms(kept, params)` copies them again beside it and gives (2, k)
+    ||before|| and ||after - before|| on the device; `finish(norms)` the ratios on the host;
+    `__call__(kept, params)` the ratios on the weights' device, float64. inf for weights that
+    were all 0 and moved, 0 for weights that did not move. float64 squares of float32 (or half)
+    weights neither overflow nor underflow, and copies of one dtype need no temporaries. `kept`
+    is valid until the next `before`.
 
     >>> w = torch.tensor([3.0, 4.0]); ratio = UpdateRatio([2]); kept = ratio.before([w])
     >>> ratio(kept, [w + torch.tensor([0.0, 0.5])]).tolist()
@@ -246,26 +308,45 @@ class UpdateRatio:
     """
 
     def __init__(self, sizes: Sequence[int]):
-        self.stacker = SizeGroups(sizes)
-
-    @staticmethod
-    def _norms(views: list[torch.Tensor]) -> torch.Tensor:
-        norms = [torch.linalg.vector_norm(view, dim=1) for view in views]  # padding is 0: adds nothing
-        return torch.cat(norms) if len(norms) > 1 else norms[0]
+        self.stacker = SizeGroups(sizes, rows=2)  # row 0: before; row 1: after, then after - before
+        order = self.stacker._order
+        self._order = None if order == sorted(order) else np.asarray(order)
+        self._out: dict = {}
 
     @torch.no_grad()
-    def before(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        views = self.stacker.stacks(params, dtype=torch.float64)
-        return views, self._norms(views)
+    def before(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        self.stacker.stacks(params, dtype=torch.float64, row=0)
+        return self.stacker.buffer(params[0].device, torch.float64)[0]
 
     @torch.no_grad()
-    def __call__(self, kept: tuple[list[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
-        views, before = kept
-        order = self.stacker.constants(before.device)[0]
-        slots = self.stacker.buffer(before.device, torch.float64)[1]
-        torch._foreach_sub_(slots, params)  # before - after
-        moved = self._norms(views)
-        return torch.where(moved == 0, 0.0, moved / before).index_select(0, order)
+    def norms(self, kept: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(2, k) ||before|| and ||after - before||, in grouped order; valid until the next call."""
+        self.stacker.stacks(params, dtype=torch.float64, row=1)
+        kept[1].sub_(kept[0])
+        if kept.device not in self._out:
+            out = torch.zeros(2, len(self.stacker.sizes), dtype=torch.float64, device=kept.device)
+            views = self.stacker.buffer(kept.device, torch.float64)[1]
+            rows, start = [], 0
+            for view in views:
+                rows.append(out[:, start:start + view.shape[1]])
+                start += view.shape[1]
+            self._out[kept.device] = out, list(zip(views, rows, strict=True))
+        out, pairs = self._out[kept.device]
+        for view, rows in pairs:
+            torch.linalg.vector_norm(view, dim=2, out=rows)  # padding is 0: adds nothing
+        return out
+
+    def finish(self, norms: np.ndarray) -> np.ndarray:
+        before, moved = np.asarray(norms, dtype=np.float64).reshape(2, -1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(moved == 0, 0.0, moved / before)
+        return ratio if self._order is None else ratio[self._order]
+
+    @torch.no_grad()
+    def __call__(self, kept: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        before, moved = self.norms(kept, params)
+        ratio = torch.where(moved == 0, 0.0, moved / before)
+        return ratio if self._order is None else ratio[torch.from_numpy(self._order).to(ratio.device)]
 
 
 def unit_view(calls: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -310,8 +391,13 @@ class ActivationStats:
         self.units = [u for _, u, _ in self.shapes]
         # Grouped by the shapes as given: a group's outputs stack as they come.
         self.groups, self._order = _groups([tuple(s) for s in shapes])
+        self._grouped_in_order = self._order == sorted(self._order)  # then the units are in order too
+        grouped = [i for idx in self.groups for i in idx]
+        self._totals = np.array([[self.units[i] for i in grouped], [math.prod(self.shapes[i]) for i in grouped]],
+                                dtype=np.float64)  # (2, layers): units and outputs, grouped order
         self._on: dict = {}
         self._buffers: dict = {}
+        self._out: dict = {}
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -333,49 +419,76 @@ class ActivationStats:
                     offset += self.units[i]
             units = [starts[i] + u for i in range(len(self.shapes)) for u in range(self.units[i])]
             self._on[device] = (torch.tensor(self._order, dtype=torch.int64, device=device),
-                                torch.tensor(units, dtype=torch.int64, device=device))
+                                torch.tensor(units, dtype=torch.int64, device=device),
+                                torch.from_numpy(self._totals).to(device))
         return self._on[device]
 
     def _signs(self, group: list[torch.Tensor], number: int) -> torch.Tensor:
-        """The signs of a group's outputs, stacked, in a buffer kept across steps (see `SizeGroups`)."""
+        """The signs of a group's outputs as (layers, samples, units[, positions]), in a buffer
+        kept across steps (see `SizeGroups`)."""
         first = group[0]
         key = (number, first.device, first.dtype)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape[1:] != first.shape:
-            buffer = self._buffers[key] = torch.empty(len(group), *first.shape, dtype=first.dtype, device=first.device)
+        kept = self._buffers.get(key)
+        if kept is None or kept[0].shape[1:] != first.shape:
+            buffer = torch.empty(len(group), *first.shape, dtype=first.dtype, device=first.device)
+            samples, units, positions = self.shapes[self.groups[number][0]]
+            view = buffer.view(len(group), samples, units, *([positions] if positions > 1 else []))
+            kept = self._buffers[key] = buffer, buffer[0], view
+        buffer, single, view = kept
         if len(group) == 1:
-            return torch.sign(first, out=buffer[0])
+            torch.sign(first, out=single)
+            return view
         try:
-            return torch.stack(group, out=buffer).sign_()
+            torch.stack(group, out=buffer).sign_()
+            return view
         except RuntimeError:  # the same units and positions, from outputs of other shapes
-            return torch.stack([unit_view(t) for t in group]).sign_()
+            return torch.stack([unit_view(t) for t in group]).sign_().view(view.shape)
+
+    def _counts_buffer(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if device not in self._out:
+            out = torch.zeros(2, len(self.shapes), dtype=torch.float64, device=device)
+            starts = [0]
+            for idx in self.groups:
+                starts.append(starts[-1] + len(idx))
+            self._out[device] = out, [out[:, a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        return self._out[device]
 
     @torch.no_grad()
-    def __call__(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`outputs`: per layer, its output, or the outputs of its calls in this step."""
+    def counts(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2, layers) float64: the units that fired and the non-zero outputs of each layer, in
+        grouped order (valid until the next call; `finish` makes the rows), and `fired`."""
         tensors = [o if isinstance(o, torch.Tensor) else unit_view(o) for o in outputs]
-        order, unit_order = self._constants(tensors[0].device)
-        rows, fired_parts = [], []
-        for number, idx in enumerate(self.groups):
-            samples, units, positions = self.shapes[idx[0]]
-            size = samples * units * positions
+        device = tensors[0].device
+        unit_order = self._constants(device)[1]
+        out, slots = self._counts_buffer(device)
+        fired_parts = []
+        for number, (idx, slot) in enumerate(zip(self.groups, slots, strict=True)):
+            size = math.prod(self.shapes[idx[0]])
             signs = self._signs([tensors[i] for i in idx], number)
             # ReLU outputs are >= 0: an output is non-zero iff its sign is 1 (NaN's sign is 0).
             # Per unit, the float sum of 0/1 values over samples and positions is an exact integer
             # count (see _count_dtype), 5-8x cheaper than a boolean count; a unit fired iff its
             # count is > 0.
-            if positions == 1:
-                per_unit = signs.reshape(len(idx), samples, units).sum(dim=1, dtype=_count_dtype(size))
-            else:
-                per_unit = signs.reshape(len(idx), samples, units, positions).sum(dim=(1, 3), dtype=_count_dtype(size))
-            fired = per_unit > 0  # (L, U)
-            dead = units - fired.sum(dim=1)
-            zeros = size - per_unit.sum(dim=1, dtype=torch.float64)
-            rows.append(torch.stack([dead.double() / units, zeros / size], dim=1))
+            per_unit = signs.sum(dim=1 if signs.dim() == 3 else (1, 3), dtype=_count_dtype(size))  # (L, U)
+            fired = per_unit > 0
+            torch.sum(fired, dim=1, dtype=torch.float64, out=slot[0])
+            torch.sum(per_unit, dim=1, dtype=torch.float64, out=slot[1])
             fired_parts.append(fired.reshape(-1))
-        if len(rows) == 1:
-            return rows[0].index_select(0, order), fired_parts[0].index_select(0, unit_order)
-        return torch.cat(rows).index_select(0, order), torch.cat(fired_parts).index_select(0, unit_order)
+        fired = torch.cat(fired_parts) if len(fired_parts) > 1 else fired_parts[0]
+        return out, (fired if self._grouped_in_order else fired.index_select(0, unit_order))
+
+    def finish(self, counts: np.ndarray) -> np.ndarray:
+        """`counts` on the host -> the rows (dead_fraction, zero_fraction) flattened, layer order."""
+        rows = ((self._totals - np.asarray(counts, dtype=np.float64).reshape(2, -1)) / self._totals).T
+        return (rows if self._grouped_in_order else rows[np.asarray(self._order)]).reshape(-1)
+
+    @torch.no_grad()
+    def __call__(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`outputs`: per layer, its output, or the outputs of its calls in this step."""
+        counts, fired = self.counts(outputs)
+        order, _, totals = self._constants(counts.device)
+        rows = ((totals - counts) / totals).t()  # dead_fraction, zero_fraction
+        return (rows if self._grouped_in_order else rows.index_select(0, order)), fired
 
     def epoch_dead_fraction(self, fired_in_epoch: torch.Tensor) -> torch.Tensor:
         """Per layer, the share of units that never fired in the steps OR-ed into `fired_in_epoch`."""
