@@ -15,8 +15,9 @@ once (`.cpu()`), which is the step's only synchronisation.
 """
 
 import math
+import operator
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ import torch
 from gradwatch.telemetry.tags import GRAD_STATS
 
 _WIDE = (torch.float32, torch.float64)
-# Tensors this small share one zero-padded group whatever their sizes: their reductions cost the
-# per-operation overhead, not the elements, so fewer groups is what makes them cheap.
+# Sizes whose tensors hold fewer elements than this in all share one zero-padded group: their
+# reductions cost the per-operation overhead, not the elements, so fewer groups is what makes
+# them cheap; a size with more has a group of its own, so no padding multiplies its elements.
 SMALL = 4096
 # Per dtype: the exponent-bits mask of its integer view, and the range a power-of-two scale keeps
 # to (normal numbers, so the scale itself is exact).
@@ -55,23 +57,30 @@ def _count_dtype(n: int) -> torch.dtype:
 
 class SizeGroups:
     """Tensors of many sizes laid out as a few (k, n) stacks in one flat buffer: one stack per size,
-    plus one zero-padded stack for every tensor of at most `SMALL` elements. Reductions over a
+    plus one zero-padded stack for the sizes whose tensors hold fewer than `SMALL` elements in
+    all (a 50-layer net of width 32: its 48 32x32 weights, then biases and the rest). Reductions over a
     stack cost a few operations per group, not per tensor; `order` puts the rows back in input
     order.
 
-    `stacks(tensors)` copies every tensor into its row with one `torch._foreach_copy_` (widening
-    bf16/fp16 to float32 exactly) into a buffer made once per device and dtype (`rows` copies of
-    the layout: `UpdateRatio` keeps the weights before and after); the padding is never written,
-    so it stays 0. The stacks are views of that buffer, valid until the next call, and the caller
-    may work in them in place. Buffers that live across steps matter on CPU: a fresh tensor of
-    more than 128 KiB is fresh memory from the OS (glibc's mmap threshold), and its page faults
-    cost more than the arithmetic (measured 2-3x per operation inside a training step).
+    `stacks(tensors)` copies the tensors into a buffer made once per device and dtype (`rows`
+    copies of the layout: `UpdateRatio` keeps the weights before and after), with one
+    `torch.stack(..., out=)` per distinct shape (a C++ loop of memory copies: 100 tensors cost
+    what 5 do, where a copy per tensor costs ~5 us each) and, for a padded group, one gather
+    that also writes its zero padding; bf16/fp16 widen exactly to float32 in one more copy. The
+    stacks are views of that buffer, valid until the next call, and the caller may work in them
+    in place. Buffers that live across steps matter on CPU: a fresh tensor of more than 128 KiB
+    is fresh memory from the OS (glibc's mmap threshold), and its page faults cost more than the
+    arithmetic (measured 2-3x per operation inside a training step).
     """
 
     def __init__(self, sizes: Sequence[int], rows: int = 1):
         self.sizes = list(sizes)
         self.rows = rows
-        self.groups, self._order = _groups([0 if n <= SMALL else n for n in self.sizes])
+        # A size whose tensors hold fewer than SMALL elements in all shares the padded group (key 0).
+        totals: dict[int, int] = defaultdict(int)
+        for n in self.sizes:
+            totals[n] += n
+        self.groups, self._order = _groups([n if totals[n] >= SMALL else 0 for n in self.sizes])
         self.row_sizes = [self.sizes[i] for g in self.groups for i in g]
         self.widths = [max(self.sizes[i] for i in g) for g in self.groups]
         self._padded = [len({self.sizes[i] for i in g}) > 1 for g in self.groups]
@@ -94,23 +103,18 @@ class SizeGroups:
             self._on[device] = order, counts, masks
         return self._on[device]
 
-    def buffer(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+    def buffer(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
         """Made once per device and dtype: the (rows, total) zero buffer, each group's
-        (rows, k, n) view of it, and per row each tensor's slot (flat, reshaped to the tensors'
-        shapes on first use)."""
+        (rows, k, n) view of it, and the copy plans (by row and source dtype)."""
         key = (device, dtype)
         if key not in self._buffers:
             total = sum(len(g) * w for g, w in zip(self.groups, self.widths, strict=True))
             flat = torch.zeros(self.rows, total, dtype=dtype, device=device)
-            views, slots, start = [], [[None] * len(self.sizes) for _ in range(self.rows)], 0
+            views, start = [], 0
             for idx, width in zip(self.groups, self.widths, strict=True):
                 views.append(flat[:, start:start + len(idx) * width].view(self.rows, len(idx), width))
-                for position, i in enumerate(idx):
-                    offset = start + position * width
-                    for row in range(self.rows):
-                        slots[row][i] = flat[row, offset:offset + self.sizes[i]]
                 start += len(idx) * width
-            self._buffers[key] = flat, views, slots
+            self._buffers[key] = flat, views, {}
         return self._buffers[key]
 
     def stacks(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, row: int = 0
@@ -119,16 +123,77 @@ class SizeGroups:
         (default: float32, or float64 when any input is). Call under no_grad."""
         if dtype is None:
             dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        _, views, slots = self.buffer(tensors[0].device, dtype)
-        targets = slots[row]
+        flat, views, plans = self.buffer(tensors[0].device, dtype)
+        source = tensors[0].dtype
+        plan = plans.get((row, source))
         try:
-            torch._foreach_copy_(targets, tensors)
-        except RuntimeError:  # first use, or other shapes of the same sizes: slots shaped like the tensors
-            if len(tensors) != len(targets) or any(t.numel() != n for t, n in zip(tensors, self.sizes, strict=True)):
+            if plan is None:
+                raise RuntimeError("no plan yet")
+            plan(tensors)
+        except RuntimeError:  # first use, or tensors of other shapes or dtypes than the plan's
+            if len(tensors) != len(self.sizes) or any(t.numel() != n for t, n in zip(tensors, self.sizes, strict=True)):
                 raise ValueError(f"expected tensors of sizes {self.sizes}") from None
-            targets[:] = [s.reshape(-1).view(t.shape) for s, t in zip(targets, tensors, strict=True)]
-            torch._foreach_copy_(targets, tensors)
+            plan = plans[row, source] = self._plan(flat[row], tensors)
+            plan(tensors)
         return [view[row] for view in views]
+
+    def _plan(self, target: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Callable[[Sequence[torch.Tensor]], None]:
+        """The copy of `tensors` (their shapes and dtypes now) into `target`, one flat row."""
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:  # mixed dtypes: a copy per tensor
+            slots, start = [None] * len(tensors), 0
+            for idx, width in zip(self.groups, self.widths, strict=True):
+                for position, i in enumerate(idx):
+                    offset = start + position * width
+                    slots[i] = target[offset:offset + self.sizes[i]].view(tensors[i].shape)
+                start += len(idx) * width
+            return lambda ts: torch._foreach_copy_(slots, ts)
+        (source,) = dtypes
+        # Stack into `target` itself, or into a buffer of the tensors' dtype copied (widened) after.
+        staged = target if source == target.dtype else torch.zeros_like(target, dtype=source)
+        steps: list[tuple[Callable, torch.Tensor]] = []
+        gathers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        start = 0
+        for idx, width, padded in zip(self.groups, self.widths, self._padded, strict=True):
+            region = staged[start:start + len(idx) * width]
+            by_shape: dict = defaultdict(list)
+            for i in idx:
+                by_shape[tuple(tensors[i].shape)].append(i)
+            if not padded and len(by_shape) == 1:
+                steps.append((_getter(idx), region.view(len(idx), *tensors[idx[0]].shape)))
+            else:  # dense by shape, then laid out in padded rows by a gather (padding reads a 0)
+                dense = torch.zeros(sum(self.sizes[i] for i in idx) + 1, dtype=source, device=target.device)
+                offsets, offset = {}, 0
+                for shape, members in by_shape.items():
+                    size = self.sizes[members[0]]
+                    steps.append((_getter(members), dense[offset:offset + len(members) * size].view(len(members),
+                                                                                                      *shape)))
+                    for number, i in enumerate(members):
+                        offsets[i] = offset + number * size
+                    offset += len(members) * size
+                index = torch.full((len(idx), width), offset, dtype=torch.int64)  # `offset`: the trailing 0
+                for position, i in enumerate(idx):
+                    index[position, :self.sizes[i]] = torch.arange(offsets[i], offsets[i] + self.sizes[i])
+                gathers.append((dense, index.reshape(-1).to(target.device), region))
+            start += len(idx) * width
+
+        def run(ts: Sequence[torch.Tensor]) -> None:
+            for get, out in steps:
+                torch.stack(get(ts), out=out)
+            for dense, index, out in gathers:
+                torch.index_select(dense, 0, index, out=out)
+            if staged is not target:
+                target.copy_(staged)
+
+        return run
+
+
+def _getter(indices: list[int]) -> Callable[[Sequence], tuple]:
+    """`tensors -> tuple(tensors[i] for i in indices)`, at C speed."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda items: (items[only],)
+    return operator.itemgetter(*indices)
 
 
 def _scale_of(abs_max: torch.Tensor) -> torch.Tensor:
