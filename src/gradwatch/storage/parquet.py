@@ -72,6 +72,8 @@ class ParquetSink:
         distinct = tuple(dict.fromkeys(map(id, tag_groups)))
         cached = self._codes.get(distinct)
         if cached is None:
+            if len(self._codes) > 64:  # a caller making new tuples each step: do not grow
+                self._codes.clear()
             groups = {id(names): names for names in tag_groups}
             index: dict[str, int] = {}
             for key in distinct:

@@ -138,6 +138,7 @@ class GradientTelemetry(pl.Callback):
         self._act_stats: dict[tuple, tuple[ActivationStats, tuple[str, ...], list[int]]] = {}
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
+        self._epoch_tags: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._fired_epoch: torch.Tensor | None = None
         self._names_cache: dict[tuple, tuple[tuple[str, ...], tuple]] = {}
 
@@ -330,7 +331,11 @@ class GradientTelemetry(pl.Callback):
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
             return
         self._pending.append((self._epoch_stats.epoch_dead_fraction(fired), None))
-        self._pending_tags.append(tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in self._epoch_layers))
+        key = tuple(self._epoch_layers)
+        epoch_tags = self._epoch_tags.get(key)
+        if epoch_tags is None:  # one tuple object per set of layers: the names caches key by identity
+            epoch_tags = self._epoch_tags[key] = tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in key)
+        self._pending_tags.append(epoch_tags)
 
     def _step_names(self) -> tuple[str, ...]:
         """This step's tags, one tuple object per combination (the recorder caches by it)."""
@@ -339,6 +344,8 @@ class GradientTelemetry(pl.Callback):
         key = tuple(map(id, self._pending_tags))
         cached = self._names_cache.get(key)
         if cached is None:
+            if len(self._names_cache) > 64:  # a caller making new tuples each step: do not grow
+                self._names_cache.clear()
             groups = tuple(self._pending_tags)
             cached = self._names_cache[key] = tuple(n for group in groups for n in group), groups
         return cached[0]

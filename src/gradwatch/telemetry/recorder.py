@@ -193,6 +193,8 @@ class StepRecorder(pl.Callback):
         key = tuple(id(names) for names, _ in groups)
         cached = self._names.get(key)
         if cached is None:
+            if len(self._names) > 64:  # a caller making new tuples each step: do not grow
+                self._names.clear()
             parts = tuple(names for names, _ in groups)
             cached = self._names[key] = tuple(n for part in parts for n in part), parts
         names = cached[0]
@@ -208,6 +210,9 @@ class StepRecorder(pl.Callback):
         self.losses.append((step, loss_value))
         for group in groups:
             self._latest[id(group[0])] = group
+        if len(self._latest) > 64:  # new tuples of the same tags: keep the latest of each
+            by_names = {names: values for names, values in self._latest.values()}
+            self._latest = {id(names): (names, values) for names, values in by_names.items()}
         if not math.isfinite(loss_value):
             self.diverge(step, f"non-finite loss ({loss_value}) at step {step}", trainer)
 
