@@ -15,12 +15,13 @@ Method (the machine is shared, so timings are noisy and only ever get longer):
   `WARMUP` to the end of training, divided by the steps: every step's cost, flushes to
   TensorBoard and parquet included (a per-step percentile would leave out the periodic ones),
   and not the time the process waited for a core while other work ran;
-- every variant of a model and optimizer runs `--repeats` times, interleaved (off, on, off, ...,
-  in alternating order), and the fastest run of each counts: interference adds CPU time too
+- every variant of a model and optimizer runs `--repeats` times, interleaved (off, on, ..., in
+  alternating order), and the fastest run of each is printed: interference adds CPU time too
   (caches, memory bandwidth), never removes it;
-- the ratio is against `telemetry=off` of the same harness in the same process: the pipeline's
-  off still records the loss and learning rate (TensorBoard and parquet); the own project's off
-  is the same Trainer and TensorBoardLogger without the callback;
+- the ratio is the median, over the repeats, of each run against the `telemetry=off` run of the
+  same harness next to it (the machine's speed drifts over minutes; neighbours share it): the
+  pipeline's off still records the loss and learning rate (TensorBoard and parquet); the own
+  project's off is the same Trainer and TensorBoardLogger without the callback;
 - wall-clock ratios are printed beside for reference.
 One torch thread: on a 2-core machine shared with other work, two OpenMP threads make the same
 fit vary 10x. Also times the TensorBoard event writers alone (tensorboard's SummaryWriter
@@ -174,7 +175,7 @@ def own_project_times(model: str, optimizer: str, variant: str, steps: int, fold
 
 def bench_models(steps: int, repeats: int, naive: bool, folder: Path, models: list[str], optimizers: list[str]) -> None:
     print(f"\nper step, fastest of {repeats} interleaved runs of {steps} steps (first {WARMUP} left out); "
-          "ratio against telemetry off in the same harness")
+          "ratio: median over the repeats against the neighbouring telemetry-off run of the same harness")
     print(f"{'model':20s} {'optimizer':9s} {'variant':16s} {'CPU ms':>8s} {'ratio':>7s} {'wall ms':>8s} {'ratio':>7s}")
     harnesses = {"pipeline": pipeline_times, "own project": own_project_times}
     for model in models:
@@ -186,11 +187,13 @@ def bench_models(steps: int, repeats: int, naive: bool, folder: Path, models: li
             for repeat in range(repeats):
                 for case in (cases if repeat % 2 == 0 else cases[::-1]):
                     times[case].append(harnesses[case[0]](model, optimizer, case[1], steps, folder))
-            best = {c: (min(cpu for cpu, _ in t), min(wall for _, wall in t)) for c, t in times.items()}
-            for (harness, variant), (cpu, wall) in best.items():
-                off_cpu, off_wall = best[(harness, "off")]
+            for (harness, variant), runs in times.items():
+                off = times[(harness, "off")]
+                cpu_ratio = float(np.median([on[0] / base[0] for on, base in zip(runs, off, strict=True)]))
+                wall_ratio = float(np.median([on[1] / base[1] for on, base in zip(runs, off, strict=True)]))
+                cpu, wall = min(t[0] for t in runs), min(t[1] for t in runs)
                 print(f"{model:20s} {optimizer:9s} {harness + ' ' + variant:16s} {cpu * 1e3:8.3f} "
-                      f"{cpu / off_cpu:6.3f}x {wall * 1e3:8.3f} {wall / off_wall:6.3f}x", flush=True)
+                      f"{cpu_ratio:6.3f}x {wall * 1e3:8.3f} {wall_ratio:6.3f}x", flush=True)
 
 
 def bench_writers(n_scalars: int, events: int, folder: Path) -> None:
