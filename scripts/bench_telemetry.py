@@ -7,13 +7,25 @@ Variants:
 - pipeline: `python train.py` with telemetry at every step, against `telemetry=off`;
 - own project: a plain LightningModule and `Trainer(callbacks=[GradientTelemetry()],
   logger=TensorBoardLogger(...))`, against the same Trainer without the callback;
-- naive (`--naive`): a Python loop over parameters with `.item()` per statistic and `self.log`.
-Per-step time is measured step by step (from one training batch's start to the next) and
-summarised by its 25th percentile over every step of the repeats: a shared machine only ever
-adds time, in bursts, so a low percentile is the steadiest estimate; variants are interleaved.
+- naive (`--naive`): a Python loop over parameters with `.item()` per statistic, handed to the
+  pipeline's recorder (the pipeline runs Lightning with `logger=False`, so `self.log` would
+  write nowhere).
+Method (the machine is shared, so timings are noisy and only ever get longer):
+- per run, the process CPU time (`time.process_time`, all threads) from the start of step
+  `WARMUP` to the end of training, divided by the steps: every step's cost, flushes to
+  TensorBoard and parquet included (a per-step percentile would leave out the periodic ones),
+  and not the time the process waited for a core while other work ran;
+- every variant of a model and optimizer runs `--repeats` times, interleaved (off, on, ..., in
+  alternating order), and the fastest run of each is printed: interference adds CPU time too
+  (caches, memory bandwidth), never removes it;
+- the ratio is the median, over the repeats, of each run against the `telemetry=off` run of the
+  same harness next to it (the machine's speed drifts over minutes; neighbours share it): the
+  pipeline's off still records the loss and learning rate (TensorBoard and parquet); the own
+  project's off is the same Trainer and TensorBoardLogger without the callback;
+- wall-clock ratios are printed beside for reference.
 One torch thread: on a 2-core machine shared with other work, two OpenMP threads make the same
-fit vary 10x. Also times the TensorBoard event
-writers alone (tensorboard's SummaryWriter against gradwatch.storage.events.EventFile).
+fit vary 10x. Also times the TensorBoard event writers alone (tensorboard's SummaryWriter
+against gradwatch.storage.events.EventFile).
 
     OMP_NUM_THREADS=1 python scripts/bench_telemetry.py [--quick] [--naive]
 """
@@ -50,42 +62,45 @@ COMMON = ["model=mlp", "dataset=sum_x1_x2", "dataset.size=256", "trainer.enable_
 
 
 class NaiveTelemetry(pl.Callback):
-    """The baseline: one `.item()` per statistic and one `self.log` per value."""
+    """The baseline: one `.item()` per statistic, in a Python loop over the parameters, written
+    through the pipeline's recorder (names as strings, values as a list)."""
 
     def __init__(self, recorder=None, every_n_steps: int = 1, **_):
+        self.recorder = recorder
         self.every_n_steps = every_n_steps
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step % self.every_n_steps:
             return
-        total = 0.0
+        total, names, values = 0.0, [], []
         for name, p in pl_module.model.named_parameters():
             g = p.grad
-            pl_module.log(f"grad/{name}/mean", g.mean().item())
-            pl_module.log(f"grad/{name}/std", g.std().item() if g.numel() > 1 else 0.0)
-            pl_module.log(f"grad/{name}/zero_fraction", (g == 0).float().mean().item())
             norm = g.norm().item()
-            pl_module.log(f"grad/{name}/norm", norm)
-            pl_module.log(f"grad/{name}/abs_max", g.abs().max().item())
-            pl_module.log(f"grad/{name}/nonfinite", float((~torch.isfinite(g)).sum().item()))
+            names += [f"grad/{name}/{stat}" for stat in STATS]
+            values += [g.mean().item(), g.std().item() if g.numel() > 1 else 0.0, (g == 0).float().mean().item(), norm,
+                       g.abs().max().item(), float((~torch.isfinite(g)).sum().item())]
             total += norm * norm
-        pl_module.log("grad/global_norm", total**0.5)
+        self.recorder.add((*names, "grad/global_norm"), np.array([*values, total**0.5]))
 
 
-STEP_TIMES: list[float] = []
+STATS = ("mean", "std", "zero_fraction", "norm", "abs_max", "nonfinite")
+WARMUP = 5  # steps left out: the first steps allocate, fill caches and build templates
+SPANS: list[tuple[float, float, int]] = []  # per run: CPU seconds, wall seconds, steps timed
 
 
 class StepTimer(pl.Callback):
-    """Seconds from each training batch's start to the next one's, into STEP_TIMES."""
+    """CPU and wall time from the start of step WARMUP to the end of training, into SPANS."""
 
     def __init__(self):
-        self._last: float | None = None
+        self._start: tuple[float, float] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        now = time.perf_counter()
-        if self._last is not None and trainer.global_step > 5:  # past the first steps' warm-up
-            STEP_TIMES.append(now - self._last)
-        self._last = now
+        if trainer.global_step == WARMUP:
+            self._start = time.process_time(), time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        cpu, wall = time.process_time(), time.perf_counter()
+        SPANS.append((cpu - self._start[0], wall - self._start[1], trainer.global_step - WARMUP))
 
 
 class TimedTrainer(pl.Trainer):
@@ -95,7 +110,7 @@ class TimedTrainer(pl.Trainer):
         super().__init__(*args, callbacks=[*(callbacks or []), StepTimer()], **kwargs)
 
 
-def pipeline_times(model: str, optimizer: str, variant: str, steps: int, folder: Path) -> list[float]:
+def pipeline_times(model: str, optimizer: str, variant: str, steps: int, folder: Path) -> tuple[float, float]:
     overrides = {
         "off": ["telemetry=off"],
         "on": ["telemetry.every_n_steps=1"],
@@ -104,13 +119,20 @@ def pipeline_times(model: str, optimizer: str, variant: str, steps: int, folder:
     hidden = "model.hidden=[" + ",".join(map(str, HIDDEN[model])) + "]"
     run_dir = Path(tempfile.mkdtemp(dir=folder))
     lr = OPTIMIZERS[optimizer][1]
-    STEP_TIMES.clear()
+    SPANS.clear()
     with contextlib.redirect_stdout(io.StringIO()):
         train([*COMMON, hidden, f"optimizer={optimizer}", f"optimizer.lr={lr}", *overrides,
                f"trainer.max_steps={steps}", f"trainer._target_={__name__}.TimedTrainer"], run_dir)
     record = read_run(run_dir)
     assert record["status"] == "completed", record
-    return list(STEP_TIMES)
+    return per_step()
+
+
+def per_step() -> tuple[float, float]:
+    """The last run's (CPU, wall) seconds per step. For the pipeline the span ends before the
+    recorder's final flush (in `_finish`), as for the own project before the logger's."""
+    (cpu, wall, steps), = SPANS
+    return cpu / steps, wall / steps
 
 
 class OwnModule(pl.LightningModule):
@@ -134,12 +156,10 @@ class OwnModule(pl.LightningModule):
         return factory(self.parameters(), lr=lr)
 
 
-def own_project_times(model: str, optimizer: str, variant: str, steps: int, folder: Path) -> list[float]:
-    try:
-        from gradwatch import GradientTelemetry
-    except ImportError:  # before issue 13
-        return []
+def own_project_times(model: str, optimizer: str, variant: str, steps: int, folder: Path) -> tuple[float, float]:
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gradwatch import GradientTelemetry
 
     torch.manual_seed(0)
     x = torch.rand(256, 2) * 2 - 1
@@ -148,29 +168,32 @@ def own_project_times(model: str, optimizer: str, variant: str, steps: int, fold
     trainer = pl.Trainer(max_steps=steps, logger=TensorBoardLogger(str(folder), name="own"), callbacks=callbacks,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
-    STEP_TIMES.clear()
+    SPANS.clear()
     trainer.fit(OwnModule(HIDDEN[model], optimizer), train_dataloaders=batches)
-    return list(STEP_TIMES)
+    return per_step()
 
 
-def bench_models(steps: int, repeats: int, naive: bool, folder: Path) -> None:
-    print(f"\nper-step time, 25th percentile over {repeats} x {steps} steps (ratio against no telemetry)")
-    print(f"{'model':20s} {'optimizer':9s} {'variant':16s} {'ms/step':>9s} {'ratio':>8s}")
+def bench_models(steps: int, repeats: int, naive: bool, folder: Path, models: list[str], optimizers: list[str]) -> None:
+    print(f"\nper step, fastest of {repeats} interleaved runs of {steps} steps (first {WARMUP} left out); "
+          "ratio: median over the repeats against the neighbouring telemetry-off run of the same harness")
+    print(f"{'model':20s} {'optimizer':9s} {'variant':16s} {'CPU ms':>8s} {'ratio':>7s} {'wall ms':>8s} {'ratio':>7s}")
     harnesses = {"pipeline": pipeline_times, "own project": own_project_times}
-    for model in HIDDEN:
-        for optimizer in OPTIMIZERS:
+    for model in models:
+        for optimizer in optimizers:
             cases = [(h, v) for h in harnesses for v in ("off", "on")]
             if naive:
                 cases.append(("pipeline", "naive"))
-            times: dict[tuple, list[float]] = {c: [] for c in cases}
-            for _ in range(repeats):
-                for case in cases:
-                    times[case] += harnesses[case[0]](model, optimizer, case[1], steps, folder)
-            per_step = {c: float(np.percentile(t, 25)) for c, t in times.items() if t}
-            for (harness, variant), t in per_step.items():
-                ratio = t / per_step[(harness, "off")]
-                print(f"{model:20s} {optimizer:9s} {harness + ' ' + variant:16s} {t * 1e3:9.3f} {ratio:7.3f}x",
-                      flush=True)
+            times: dict[tuple, list[tuple[float, float]]] = {c: [] for c in cases}
+            for repeat in range(repeats):
+                for case in (cases if repeat % 2 == 0 else cases[::-1]):
+                    times[case].append(harnesses[case[0]](model, optimizer, case[1], steps, folder))
+            for (harness, variant), runs in times.items():
+                off = times[(harness, "off")]
+                cpu_ratio = float(np.median([on[0] / base[0] for on, base in zip(runs, off, strict=True)]))
+                wall_ratio = float(np.median([on[1] / base[1] for on, base in zip(runs, off, strict=True)]))
+                cpu, wall = min(t[0] for t in runs), min(t[1] for t in runs)
+                print(f"{model:20s} {optimizer:9s} {harness + ' ' + variant:16s} {cpu * 1e3:8.3f} "
+                      f"{cpu_ratio:6.3f}x {wall * 1e3:8.3f} {wall_ratio:6.3f}x", flush=True)
 
 
 def bench_writers(n_scalars: int, events: int, folder: Path) -> None:
@@ -204,6 +227,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and one repeat")
     parser.add_argument("--naive", action="store_true", help="also time the naive .item()/self.log logger")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 300)")
+    parser.add_argument("--model", choices=["all", "mlp", "deep"], default="all")
+    parser.add_argument("--optimizer", choices=["all", *OPTIMIZERS], default="all")
+    parser.add_argument("--no-writers", action="store_true", help="skip the event-writer timings")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -212,10 +238,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (2, 51, 700):
+        for n in () if args.no_writers else (2, 51, 700):
             bench_writers(n, 200 if args.quick else 1000, Path(tmp))
         steps = args.steps or (60 if args.quick else 300)
-        bench_models(steps, args.repeats or (1 if args.quick else 3), args.naive, Path(tmp))
+        models = [m for m, key in zip(HIDDEN, ("mlp", "deep"), strict=True) if args.model in ("all", key)]
+        optimizers = [o for o in OPTIMIZERS if args.optimizer in ("all", o)]
+        bench_models(steps, args.repeats or (1 if args.quick else 5), args.naive, Path(tmp), models, optimizers)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ the Trainer's TensorBoardLogger.
 """
 
 import logging
+import types
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,7 +17,7 @@ from torch import nn
 
 from gradwatch.config.errors import ConfigError, check_int
 from gradwatch.telemetry import tags
-from gradwatch.telemetry.distributed import combine_activation_counts
+from gradwatch.telemetry.distributed import combine_unit_counts
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
 
@@ -37,6 +39,32 @@ def network_of(pl_module: pl.LightningModule) -> nn.Module:
     from gradwatch.training.module import GradwatchModule
 
     return pl_module.model if isinstance(pl_module, GradwatchModule) else pl_module
+
+
+class _OutputTap:
+    """Hands each output of `module` to `keep`, by wrapping its `forward` on the instance, until
+    `remove()`. A forward hook would do the same, but any hook sends every call of the module
+    through `Module._call_impl`'s slow path: measured 2-3 us more per call, 0.1-0.3 ms a step on a
+    50-layer net, the largest part of the activations' cost there. The wrapper is a bound method,
+    so a deep copy of the module (an EMA copy, say) calls its own forward."""
+
+    def __init__(self, module: nn.Module, keep: Callable[[torch.Tensor], None]):
+        self.module = module
+        self.previous = module.__dict__.get("forward")  # a forward already set on the instance
+        inner = self.previous
+
+        def forward(self_, *args, **kwargs):
+            output = inner(*args, **kwargs) if inner is not None else type(self_).forward(self_, *args, **kwargs)
+            keep(output)
+            return output
+
+        module.forward = types.MethodType(forward, module)
+
+    def remove(self) -> None:
+        if self.previous is not None:
+            self.module.forward = self.previous
+        else:
+            del self.module.forward
 
 
 class GradientTelemetry(pl.Callback):
@@ -96,11 +124,14 @@ class GradientTelemetry(pl.Callback):
         self._calls: list[list[torch.Tensor]] = []
         self._step: int | None = None
         self._named: list[tuple[str, torch.Tensor]] = []
-        self._pending: list[torch.Tensor] = []
+        # This step's numbers on the device, each with what turns it into values on the host.
+        self._pending: list[tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]] = []
         self._pending_tags: list[tuple[str, ...]] = []
         self._kept: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
+        self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
         self._grad_key: tuple[str, ...] | None = None
+        self._grad_list: list | None = None  # the `named` list `_params` was taken from
         self._grad_stats: GradientStats | None = None
         self._update: UpdateRatio | None = None
         self._grad_tags: tuple[str, ...] = ()
@@ -108,8 +139,9 @@ class GradientTelemetry(pl.Callback):
         self._act_stats: dict[tuple, tuple[ActivationStats, tuple[str, ...], list[int]]] = {}
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
+        self._epoch_tags: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._fired_epoch: torch.Tensor | None = None
-        self._names_cache: dict[tuple, tuple[str, ...]] = {}
+        self._names_cache: dict[tuple, tuple[tuple[str, ...], tuple]] = {}
 
     # -- setup: the recorder of its own, in any Lightning project -------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -140,6 +172,7 @@ class GradientTelemetry(pl.Callback):
         if self._own_recorder:
             self.recorder.on_fit_start(trainer, pl_module)
         network = network_of(pl_module)
+        self._network_params = list(network.named_parameters())
         self._layers = relu_layers(network) if self.activations else []
         self._calls = [[] for _ in self._layers]
         if self.every_n_steps == 1:
@@ -149,13 +182,13 @@ class GradientTelemetry(pl.Callback):
         self.recorder.add_layout(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
 
     def _add_hooks(self) -> None:
-        self._hooks = [m.register_forward_hook(self._keeper(calls)) for (_, m), calls in zip(
-            self._layers, self._calls, strict=True)]
+        self._hooks = [_OutputTap(module, self._keeper(calls))
+                       for (_, module), calls in zip(self._layers, self._calls, strict=True)]
 
     def _keeper(self, calls: list):
         append = calls.append
 
-        def keep(module, inputs, output) -> None:
+        def keep(output) -> None:
             if self._recording:
                 append(output)
 
@@ -185,8 +218,7 @@ class GradientTelemetry(pl.Callback):
         if self.every_n_steps > 1:
             self._remove_hooks()
         self._step = step = trainer.global_step
-        named = [(n, p) for n, p in network_of(pl_module).named_parameters() if p.grad is not None]
-        self._named = named
+        named = self._named = self._with_gradients(pl_module)
         if named:
             self._add_gradient_stats(named)
         if any(self._calls):
@@ -200,8 +232,7 @@ class GradientTelemetry(pl.Callback):
             self.recorder.add(names, values)
             self._check_finite(trainer, step, values[: len(self._grad_tags)])
         if named:
-            self._params = [p for _, p in named]
-            self._kept = self._update.before([p.detach() for p in self._params])
+            self._kept = self._update.before(self._params)  # a copy, read under no_grad: no detach needed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._step is not None:
@@ -215,7 +246,7 @@ class GradientTelemetry(pl.Callback):
     def _finish_step(self, trainer, batch_idx: int) -> None:
         step, self._step = self._step, None
         if self._kept is not None:
-            self._pending.append(self._update(self._kept, [p.detach() for p in self._params]))
+            self._pending.append((self._update.norms(self._kept, self._params), self._update.finish))
             self._pending_tags.append(self._update_tags)
             self._kept = None
         if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
@@ -249,31 +280,45 @@ class GradientTelemetry(pl.Callback):
             self.recorder = None
 
     # -- what -----------------------------------------------------------------------------------
+    def _with_gradients(self, pl_module) -> list[tuple[str, torch.Tensor]]:
+        """The (name, parameter) pairs that have a gradient this step: every parameter of the
+        network, usually, as one cached list (the statistics objects are cached by it)."""
+        if self._network_params is None:  # called outside a fit
+            self._network_params = list(network_of(pl_module).named_parameters())
+        every = self._network_params
+        if all(p.grad is not None for _, p in every):
+            return every
+        return [(n, p) for n, p in every if p.grad is not None]
+
     def _add_gradient_stats(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        key = tuple(n for n, _ in named)
-        if key != self._grad_key:
-            self._grad_key = key
-            sizes = [p.numel() for _, p in named]
-            self._grad_stats, self._update = GradientStats(sizes), UpdateRatio(sizes)
-            self._grad_tags = tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS) + (tags.GLOBAL_NORM,)
-            self._update_tags = tuple(tags.update(n) for n in key)
-        table = self._grad_stats([p.grad for _, p in named])
+        if named is not self._grad_list:  # usually the same cached list, step after step
+            key = tuple(n for n, _ in named)
+            if key != self._grad_key:
+                self._grad_key = key
+                sizes = [p.numel() for _, p in named]
+                self._grad_stats, self._update = GradientStats(sizes), UpdateRatio(sizes)
+                self._grad_tags = (tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS)
+                                   + (tags.GLOBAL_NORM,))
+                self._update_tags = tuple(tags.update(n) for n in key)
+            self._grad_list = named
+            self._params = [p for _, p in named]
         # Per-parameter rows, then the global norm.
-        self._pending.append(torch.cat([table[:-1].reshape(-1), table[-1:, tags.GRAD_STATS.index("norm")]]))
+        self._pending.append((self._grad_stats.sums([p.grad for p in self._params]), self._grad_stats.finish))
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:
         present = [i for i, calls in enumerate(self._calls) if calls]
-        views = [unit_view(self._calls[i]) for i in present]
+        # One call: its output as it is; several: concatenated (`unit_view`).
+        outputs = [calls[0] if len(calls) == 1 else unit_view(calls) for calls in self._calls if calls]
         for calls in self._calls:
             calls.clear()
-        key = (tuple(present), tuple((tuple(v.shape), v.dtype) for v in views))
+        key = (tuple(present), tuple(o.shape for o in outputs))
         if key not in self._act_stats:
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
-            self._act_stats[key] = ActivationStats([tuple(v.shape) for v in views]), act_tags, present
-        stats, act_tags, _ = self._act_stats[key]
-        rows, fired = stats(views, combine_activation_counts)
-        self._pending.append(rows.reshape(-1))
+            self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, present
+        stats, act_tags, present = self._act_stats[key]
+        counts, fired = stats.counts(outputs, combine_unit_counts)
+        self._pending.append((counts, stats.finish))
         self._pending_tags.append(act_tags)
         resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint
         if self._fired_epoch is not None and resumed_or_same and self._fired_epoch.shape == fired.shape:
@@ -286,23 +331,40 @@ class GradientTelemetry(pl.Callback):
         fired, self._fired_epoch = self._fired_epoch, None
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
             return
-        self._pending.append(self._epoch_stats.epoch_dead_fraction(fired))
-        self._pending_tags.append(tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in self._epoch_layers))
+        self._pending.append((self._epoch_stats.epoch_dead_fraction(fired), None))
+        key = tuple(self._epoch_layers)
+        epoch_tags = self._epoch_tags.get(key)
+        if epoch_tags is None:  # one tuple object per set of layers: the names caches key by identity
+            epoch_tags = self._epoch_tags[key] = tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in key)
+        self._pending_tags.append(epoch_tags)
 
     def _step_names(self) -> tuple[str, ...]:
         """This step's tags, one tuple object per combination (the recorder caches by it)."""
-        key = tuple(self._pending_tags)
-        names = self._names_cache.get(key)
-        if names is None:
-            names = self._names_cache[key] = tuple(n for group in key for n in group)
-        return names
+        # Keyed by the groups' identities (hashing ~700 strings a step costs more): the cache
+        # keeps the groups alive, so an id is never reused for another group.
+        key = tuple(map(id, self._pending_tags))
+        cached = self._names_cache.get(key)
+        if cached is None:
+            if len(self._names_cache) > 64:  # a caller making new tuples each step: do not grow
+                self._names_cache.clear()
+            groups = tuple(self._pending_tags)
+            cached = self._names_cache[key] = tuple(n for group in groups for n in group), groups
+        return cached[0]
 
     def _transfer(self) -> np.ndarray:
-        """Everything pending as one float64 vector, brought to the host at once; clears it."""
+        """Everything pending as one float64 vector, brought to the host at once (the step's one
+        device-to-host transfer), finished there; clears it."""
         pending, self._pending, self._pending_tags = self._pending, [], []
         if not pending:
             return np.empty(0)
-        return torch.cat(pending).cpu().numpy()
+        flat = [tensor.reshape(-1) for tensor, _ in pending]
+        host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
+        values, start = [], 0
+        for (_, finish), part in zip(pending, flat, strict=True):
+            end = start + part.numel()
+            values.append(host[start:end] if finish is None else finish(host[start:end]))
+            start = end
+        return np.concatenate(values).astype(np.float64, copy=False)  # a new array: never a view of a buffer
 
     def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
         counts = grad_values[:-1].reshape(len(self._named), len(tags.GRAD_STATS))[:, _NONFINITE]

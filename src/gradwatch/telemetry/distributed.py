@@ -41,22 +41,6 @@ def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
     return total / world_size
 
 
-def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum over processes, in place (counts: exact in integer types)."""
-    if world()[1] > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def any_over_processes(mask: torch.Tensor) -> torch.Tensor:
-    """Element-wise OR over processes of a boolean mask (a unit fired on any process)."""
-    if world()[1] == 1:
-        return mask
-    as_int = mask.to(torch.int32)
-    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
-    return as_int.bool()
-
-
 def is_rank_zero() -> bool:
     """Whether this process writes the run's files and prints. Known before the process group
     exists: Lightning's launcher gives every other process its rank in the environment."""
@@ -65,14 +49,16 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def combine_activation_counts(fired: torch.Tensor, nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Activation counts of this process's shard -> those of the global batch: a unit fired if
-    it fired on any process, non-zero outputs add up, and there are `world size` times as many
-    outputs. (ActivationStats' `combine`.)"""
+def combine_unit_counts(per_unit: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A layer's per-unit non-zero counts on this process's shard -> on the global batch: summed
+    over processes (exact: float64 integers), with the number of shards. (ActivationStats'
+    `combine`: a unit fired if its global count is > 0, i.e. it fired on some process.)"""
     _, world_size = world()
     if world_size == 1:
-        return fired, nonzero, 1
-    return any_over_processes(fired), sum_over_processes(nonzero.clone()), world_size
+        return per_unit, 1
+    total = per_unit.to(torch.float64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total, world_size
 
 
 class StopTogether(pl.Callback):

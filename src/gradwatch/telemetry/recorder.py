@@ -67,14 +67,15 @@ class StepRecorder(pl.Callback):
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
         self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
-        self._names: dict[tuple, tuple[str, ...]] = {}
+        self._names: dict[tuple[int, ...], tuple[tuple[str, ...], tuple]] = {}
         self._metric_names: tuple[str, ...] = ()
         self._loss: torch.Tensor | None = None
         self._loss_step: int | None = None
         self._written_step: int | None = None
         # What the run's record needs at the end.
         self.losses: list[tuple[int, float]] = []
-        self._latest: dict[tuple[str, ...], np.ndarray] = {}
+        # By the identity of each names tuple (hashing ~700 tags a step costs more), with the tuple.
+        self._latest: dict[int, tuple[tuple[str, ...], np.ndarray]] = {}
         self.divergence: dict | None = None
 
     # -- what telemetry calls -------------------------------------------------------------
@@ -103,7 +104,7 @@ class StepRecorder(pl.Callback):
     @property
     def last(self) -> dict[str, float]:
         """The latest value of every tag recorded so far."""
-        return {n: float(v) for names, values in self._latest.items() for n, v in zip(names, values, strict=True)}
+        return {n: float(v) for names, values in self._latest.values() for n, v in zip(names, values, strict=True)}
 
     def diverge(self, step: int, reason: str, trainer: "pl.Trainer", stop: bool = True) -> None:
         """Mark the run diverged (the first time counts); `stop` ends training after this step."""
@@ -155,8 +156,8 @@ class StepRecorder(pl.Callback):
     def state_dict(self) -> dict:
         return {
             "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2),
-            "latest_names": [list(names) for names in self._latest],
-            "latest_values": [torch.from_numpy(np.asarray(v, dtype=np.float64)) for v in self._latest.values()],
+            "latest_names": [list(names) for names, _ in self._latest.values()],
+            "latest_values": [torch.from_numpy(np.asarray(v, dtype=np.float64)) for _, v in self._latest.values()],
             "divergence": self.divergence,
         }
 
@@ -164,7 +165,7 @@ class StepRecorder(pl.Callback):
         self.losses = [(int(s), float(v)) for s, v in state_dict["losses"].tolist()]
         # Only the loss and learning rate carry over: telemetry values describe steps this run
         # may not log again (telemetry off, or a new run folder).
-        self._latest = {tuple(names): values.numpy() for names, values
+        self._latest = {id(_HEAD): (_HEAD, values.numpy()) for names, values
                         in zip(state_dict.get("latest_names", []), state_dict.get("latest_values", []), strict=True)
                         if tuple(names) == _HEAD}
         self.divergence = state_dict.get("divergence")
@@ -191,10 +192,16 @@ class StepRecorder(pl.Callback):
         if step is None or self._loss is None or step == self._written_step:
             return
         groups = [*self._head(trainer, pl_module), *self._pending]
-        key = tuple(names for names, _ in groups)
-        names = self._names.get(key)
-        if names is None:
-            names = self._names[key] = tuple(n for group in key for n in group)
+        # Keyed by the tuples' identities (hashing ~700 tags a step costs more); the cache keeps
+        # the tuples alive, so an id is never reused for another tuple.
+        key = tuple(id(names) for names, _ in groups)
+        cached = self._names.get(key)
+        if cached is None:
+            if len(self._names) > 64:  # a caller making new tuples each step: do not grow
+                self._names.clear()
+            parts = tuple(names for names, _ in groups)
+            cached = self._names[key] = tuple(n for part in parts for n in part), parts
+        names = cached[0]
         values = np.concatenate([v for _, v in groups])
 
         self._open()
@@ -205,7 +212,11 @@ class StepRecorder(pl.Callback):
         self._loss, self._loss_step = None, None
         loss_value = float(values[0])
         self.losses.append((step, loss_value))
-        self._latest.update(groups)
+        for group in groups:
+            self._latest[id(group[0])] = group
+        if len(self._latest) > 64:  # new tuples of the same tags: keep the latest of each
+            by_names = {names: values for names, values in self._latest.values()}
+            self._latest = {id(names): (names, values) for names, values in by_names.items()}
         if not math.isfinite(loss_value):
             self.diverge(step, f"non-finite loss ({loss_value}) at step {step}", trainer)
 

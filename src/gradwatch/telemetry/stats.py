@@ -14,22 +14,26 @@ inputs' device and nothing here reads a value back to the host: the caller trans
 once (`.cpu()`), which is the step's only synchronisation.
 """
 
+import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-from torch._utils import _flatten_dense_tensors
 
 from gradwatch.telemetry.tags import GRAD_STATS
 
 _WIDE = (torch.float32, torch.float64)
-# Tensors this small share one zero-padded group whatever their sizes: their reductions cost the
-# per-operation overhead, not the elements, so fewer groups is what makes them cheap.
+# Sizes whose tensors hold fewer elements than this in all share one zero-padded group: their
+# reductions cost the per-operation overhead, not the elements, so fewer groups is what makes
+# them cheap; a size with more has a group of its own, so no padding multiplies its elements.
 SMALL = 4096
 # Per dtype: the exponent-bits mask of its integer view, and the range a power-of-two scale keeps
 # to (normal numbers, so the scale itself is exact).
 _EXPONENT = {torch.float32: (torch.int32, 0x7F800000, 2.0**-126, 2.0**127),
              torch.float64: (torch.int64, 0x7FF0000000000000, 2.0**-1022, 2.0**1023)}
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def _groups(keys: Sequence) -> tuple[list[list[int]], list[int]]:
@@ -44,11 +48,6 @@ def _groups(keys: Sequence) -> tuple[list[list[int]], list[int]]:
     return groups, order
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """float32 for bf16/fp16 (exact: every half value is a float32 value); float32/64 unchanged."""
-    return t if t.dtype in _WIDE else t.float()
-
-
 def _count_dtype(n: int) -> torch.dtype:
     # Sums of 0/1 values are exact integer arithmetic while every partial sum is representable:
     # below 2**24 in float32, below 2**53 in float64. Measured 5-8x cheaper than count_nonzero or
@@ -57,56 +56,144 @@ def _count_dtype(n: int) -> torch.dtype:
 
 
 class SizeGroups:
-    """Tensors of many sizes as a few (k, n) float32 (or float64) stacks: one per size, plus one
-    zero-padded stack for every tensor of at most `SMALL` elements. Reductions over a stack cost a
-    few operations per group, not per tensor; `order` puts the rows back in input order."""
+    """Tensors of many sizes laid out as a few (k, n) stacks in one flat buffer: one stack per size,
+    plus one zero-padded stack for the sizes whose tensors hold fewer than `SMALL` elements in
+    all (a 50-layer net of width 32: its 48 32x32 weights, then biases and the rest). Reductions over a
+    stack cost a few operations per group, not per tensor; `order` puts the rows back in input
+    order.
 
-    def __init__(self, sizes: Sequence[int]):
+    `stacks(tensors)` copies the tensors into a buffer made once per device and dtype (`rows`
+    copies of the layout: `UpdateRatio` keeps the weights before and after), with one
+    `torch.stack(..., out=)` per distinct shape (a C++ loop of memory copies: 100 tensors cost
+    what 5 do, where a copy per tensor costs ~5 us each) and, for a padded group, one gather
+    that also writes its zero padding; bf16/fp16 widen exactly to float32 in one more copy. The
+    stacks are views of that buffer, valid until the next call, and the caller may work in them
+    in place. Buffers that live across steps matter on CPU: a fresh tensor of more than 128 KiB
+    is fresh memory from the OS (glibc's mmap threshold), and its page faults cost more than the
+    arithmetic (measured 2-3x per operation inside a training step).
+    """
+
+    def __init__(self, sizes: Sequence[int], rows: int = 1):
         self.sizes = list(sizes)
-        self.groups, self._order = _groups([0 if n <= SMALL else n for n in self.sizes])
+        self.rows = rows
+        # A size whose tensors hold fewer than SMALL elements in all shares the padded group (key 0).
+        totals: dict[int, int] = defaultdict(int)
+        for n in self.sizes:
+            totals[n] += n
+        self.groups, self._order = _groups([n if totals[n] >= SMALL else 0 for n in self.sizes])
         self.row_sizes = [self.sizes[i] for g in self.groups for i in g]
+        self.widths = [max(self.sizes[i] for i in g) for g in self.groups]
         self._padded = [len({self.sizes[i] for i in g}) > 1 for g in self.groups]
         self._on: dict = {}
+        self._buffers: dict = {}
 
-    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
         """On `device`, made once: the row order, each row's element count (float64), and per
-        group the mask of real (not padding) elements and the indices that lay the concatenated
-        tensors out as padded rows (None for a group of one size)."""
+        group the mask of real (not padding) elements (None for a group of one size)."""
         if device not in self._on:
             order = torch.tensor(self._order, dtype=torch.int64, device=device)
             counts = torch.tensor(self.row_sizes, dtype=torch.float64, device=device)
-            masks, gathers = [], []
-            for idx, padded in zip(self.groups, self._padded, strict=True):
+            masks = []
+            for idx, width, padded in zip(self.groups, self.widths, self._padded, strict=True):
                 if not padded:
                     masks.append(None)
-                    gathers.append(None)
                     continue
                 sizes = torch.tensor([self.sizes[i] for i in idx], device=device)
-                starts = sizes.cumsum(0) - sizes
-                columns = torch.arange(max(self.sizes[i] for i in idx), device=device)
-                real = columns < sizes[:, None]
-                masks.append(real.float())
-                # Indices into the concatenated tensors, with one 0 appended for the padding.
-                gathers.append(torch.where(real, starts[:, None] + columns, sizes.sum()))
-            self._on[device] = order, counts, masks, gathers
+                masks.append((torch.arange(width, device=device) < sizes[:, None]).float())
+            self._on[device] = order, counts, masks
         return self._on[device]
 
-    def stacks(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One (k, n) float32-or-wider stack per group (a copy); call under no_grad."""
-        gathers = self.constants(tensors[0].device)[3]
-        out = []
-        for idx, gather in zip(self.groups, gathers, strict=True):
-            if len(idx) == 1:
-                out.append(_wide(tensors[idx[0]].reshape(1, -1)))
-                continue
-            # One C++ call flattens and concatenates (a Python loop of reshapes costs more than the math).
-            group = [tensors[i] for i in idx]
-            if gather is None:
-                out.append(_wide(_flatten_dense_tensors(group).view(len(idx), -1)))
-            else:  # the padding points at one appended 0
-                flat = _flatten_dense_tensors([*group, group[0].new_zeros(1)])
-                out.append(_wide(flat.index_select(0, gather.reshape(-1)).view(len(idx), -1)))
-        return out
+    def buffer(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+        """Made once per device and dtype: the (rows, total) zero buffer, each group's
+        (rows, k, n) view of it, and the copy plans (by row and source dtype)."""
+        key = (device, dtype)
+        if key not in self._buffers:
+            total = sum(len(g) * w for g, w in zip(self.groups, self.widths, strict=True))
+            flat = torch.zeros(self.rows, total, dtype=dtype, device=device)
+            views, start = [], 0
+            for idx, width in zip(self.groups, self.widths, strict=True):
+                views.append(flat[:, start:start + len(idx) * width].view(self.rows, len(idx), width))
+                start += len(idx) * width
+            self._buffers[key] = flat, views, {}
+        return self._buffers[key]
+
+    def stacks(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None, row: int = 0
+               ) -> list[torch.Tensor]:
+        """One (k, n) stack per group: `tensors` copied into row `row` of the `dtype` buffer
+        (default: float32, or float64 when any input is). Call under no_grad."""
+        if dtype is None:
+            dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        flat, views, plans = self.buffer(tensors[0].device, dtype)
+        source = tensors[0].dtype
+        plan = plans.get((row, source))
+        try:
+            if plan is None:
+                raise RuntimeError("no plan yet")
+            plan(tensors)
+        except RuntimeError:  # first use, or tensors of other shapes or dtypes than the plan's
+            if len(tensors) != len(self.sizes) or any(t.numel() != n for t, n in zip(tensors, self.sizes, strict=True)):
+                raise ValueError(f"expected tensors of sizes {self.sizes}") from None
+            plan = plans[row, source] = self._plan(flat[row], tensors)
+            plan(tensors)
+        return [view[row] for view in views]
+
+    def _plan(self, target: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Callable[[Sequence[torch.Tensor]], None]:
+        """The copy of `tensors` (their shapes and dtypes now) into `target`, one flat row."""
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:  # mixed dtypes: a copy per tensor
+            slots, start = [None] * len(tensors), 0
+            for idx, width in zip(self.groups, self.widths, strict=True):
+                for position, i in enumerate(idx):
+                    offset = start + position * width
+                    slots[i] = target[offset:offset + self.sizes[i]].view(tensors[i].shape)
+                start += len(idx) * width
+            return lambda ts: torch._foreach_copy_(slots, ts)
+        (source,) = dtypes
+        # Stack into `target` itself, or into a buffer of the tensors' dtype copied (widened) after.
+        staged = target if source == target.dtype else torch.zeros_like(target, dtype=source)
+        steps: list[tuple[Callable, torch.Tensor]] = []
+        gathers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        start = 0
+        for idx, width, padded in zip(self.groups, self.widths, self._padded, strict=True):
+            region = staged[start:start + len(idx) * width]
+            by_shape: dict = defaultdict(list)
+            for i in idx:
+                by_shape[tuple(tensors[i].shape)].append(i)
+            if not padded and len(by_shape) == 1:
+                steps.append((_getter(idx), region.view(len(idx), *tensors[idx[0]].shape)))
+            else:  # dense by shape, then laid out in padded rows by a gather (padding reads a 0)
+                dense = torch.zeros(sum(self.sizes[i] for i in idx) + 1, dtype=source, device=target.device)
+                offsets, offset = {}, 0
+                for shape, members in by_shape.items():
+                    size = self.sizes[members[0]]
+                    steps.append((_getter(members), dense[offset:offset + len(members) * size].view(len(members),
+                                                                                                      *shape)))
+                    for number, i in enumerate(members):
+                        offsets[i] = offset + number * size
+                    offset += len(members) * size
+                index = torch.full((len(idx), width), offset, dtype=torch.int64)  # `offset`: the trailing 0
+                for position, i in enumerate(idx):
+                    index[position, :self.sizes[i]] = torch.arange(offsets[i], offsets[i] + self.sizes[i])
+                gathers.append((dense, index.reshape(-1).to(target.device), region))
+            start += len(idx) * width
+
+        def run(ts: Sequence[torch.Tensor]) -> None:
+            for get, out in steps:
+                torch.stack(get(ts), out=out)
+            for dense, index, out in gathers:
+                torch.index_select(dense, 0, index, out=out)
+            if staged is not target:
+                target.copy_(staged)
+
+        return run
+
+
+def _getter(indices: list[int]) -> Callable[[Sequence], tuple]:
+    """`tensors -> tuple(tensors[i] for i in indices)`, at C speed."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda items: (items[only],)
+    return operator.itemgetter(*indices)
 
 
 def _scale_of(abs_max: torch.Tensor) -> torch.Tensor:
@@ -117,12 +204,83 @@ def _scale_of(abs_max: torch.Tensor) -> torch.Tensor:
     return (abs_max.view(int_dtype) & mask).view(abs_max.dtype).clamp_(low, high)
 
 
+class _GroupViews:
+    """One size group's persistent views: its stack, work rows and slots of the raw sums."""
+
+    def __init__(self, work: "_Work", span: slice, rows: slice, shape: tuple[int, int], mask: torch.Tensor | None):
+        self.x = work.flat[span].view(shape)
+        self.magnitude = work.work[3, span].view(shape)
+        self.centred = work.work[0, span].view(shape)
+        self.terms = work.work[:, span].view(4, *shape)
+        self.mask = mask
+        self.inverse = work.inverse[rows, None]
+        self.mean = work.mean[rows, None]
+        self.sums = work.raw[:4, rows]
+        self.total = work.raw[4, rows]
+        self.abs_max = work.raw[5, rows]
+
+
+class _Work:
+    """`GradientStats`' buffers on one device for one dtype, and views of them, made once.
+
+    `raw` (7, rows) holds per row, in grouped order: the centred sum of squares, the sum of
+    squares, the non-finite and non-zero counts, the sum (all of the row scaled into [1, 2)),
+    abs_max and the scale. float32 sums of 0/1 values are exact integers below 2**24 elements
+    (see _count_dtype); a larger group, or float64 gradients, make every sum float64."""
+
+    def __init__(self, stacker: SizeGroups, device: torch.device, dtype: torch.dtype):
+        self.flat = stacker.buffer(device, dtype)[0][0]
+        self.work = torch.zeros(4, self.flat.numel(), dtype=dtype, device=device)
+        rows = len(stacker.sizes)
+        wide = dtype == torch.float64 or max(stacker.widths) >= 2**24
+        self.sum_dtype = torch.float64 if wide else dtype
+        self.raw = torch.zeros(7, rows, dtype=self.sum_dtype, device=device)
+        self.inverse, self.mean = torch.zeros(2, rows, dtype=dtype, device=device)
+        self.n = torch.tensor(stacker.row_sizes, dtype=dtype, device=device)
+        int_dtype, self.exponent_mask, low, high = _EXPONENT[self.sum_dtype]
+        # The scale's exponent bits, kept to normal numbers (see _scale_of), as integers.
+        numpy_float = np.float64 if self.sum_dtype == torch.float64 else np.float32
+        self.low, self.high = (int(np.array(v, dtype=numpy_float).view(f"i{np.dtype(numpy_float).itemsize}"))
+                               for v in (low, high))
+        self.scale_bits = self.raw[6].view(int_dtype)
+        self.abs_max_bits = self.raw[5].view(int_dtype)
+        masks = stacker.constants(device)[2]
+        self.groups, start, row = [], 0, 0
+        for idx, width, mask in zip(stacker.groups, stacker.widths, masks, strict=True):
+            end = start + len(idx) * width
+            self.groups.append(_GroupViews(self, slice(start, end), slice(row, row + len(idx)), (len(idx), width),
+                                           None if mask is None else mask.to(dtype)))
+            start, row = end, row + len(idx)
+
+
+def _finish_gradient_rows(raw, n, root, order, xp):
+    """The rows (mean, std, zero_fraction, norm, abs_max, nonfinite) in input order and the global
+    norm, from `_Work.raw` as float64; `xp` is numpy (on the host) or torch (on the device)."""
+    centred_squares, squares, nonfinite, nonzero, total, abs_max, scale = raw
+    mean = total * scale / n
+    std = xp.sqrt(centred_squares) * scale / root  # a one-element row: centred sum 0, root 1
+    # The float32 sum of squares holds abs_max**2 as one of its terms: its root is >= abs_max
+    # but for the last bit; keep the inequality exact.
+    norm = xp.maximum(xp.sqrt(squares) * scale, abs_max)
+    table = xp.stack([mean, std, (n - nonzero) / n, norm, abs_max, nonfinite], 1)
+    global_norm = xp.sqrt((norm * norm).sum())  # float64: no overflow
+    return (table if order is None else table[order]), global_norm
+
+
 class GradientStats:
     """Statistics of each gradient, as rows (mean, std, zero_fraction, norm, abs_max, nonfinite).
 
     std is torch's unbiased std, and 0.0 for a one-element tensor. A last row holds the global norm
     (L2 over all gradients) in its `norm` column, the other columns 0. The table is float64, on
     the gradients' device.
+
+    The gradients are copied into one flat buffer (`SizeGroups`); every element-wise step runs
+    once over that whole buffer and every reduction once per group, into buffers kept across
+    calls: about 15 + 5 per group tensor operations a step, whatever the number of parameters
+    (in a training step on a CPU each costs ~10 us of overhead, more than the arithmetic).
+    `sums(grads)` stops there, on the device; `finish(sums)` does the per-row arithmetic on the
+    host after the step's one transfer (numpy, a few microseconds instead of ~12 more tensor
+    operations); `__call__` does both on the device.
 
     >>> GradientStats([2, 1])([torch.tensor([3.0, 4.0]), torch.tensor([0.0])]).tolist()[0]
     [3.5, 0.7071067811865476, 0.0, 5.0, 4.0, 0.0]
@@ -131,53 +289,66 @@ class GradientStats:
     def __init__(self, sizes: Sequence[int]):
         self.sizes = list(sizes)
         self.stacker = SizeGroups(self.sizes)
+        self._on: dict = {}
+        order = self.stacker._order
+        self._order = None if order == sorted(order) else np.asarray(order)
+        self._n = np.asarray(self.stacker.row_sizes, dtype=np.float64)
+        self._root = np.sqrt(np.maximum(self._n - 1, 1))
 
     @torch.no_grad()
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        order, n, masks, _ = self.stacker.constants(grads[0].device)
-        parts = [self._group_sums(g, mask) for g, mask in zip(self.stacker.stacks(grads), masks, strict=True)]
-        sums = torch.cat([p[0] for p in parts]).double()  # (k, 5): the scaled rows' sums, and the scale
-        counts = torch.cat([p[1] for p in parts]).double()  # (k, 2): non-zero, non-finite (exact integers)
-        scale = sums[:, 4]
-        mean = sums[:, 0] / n * scale
-        std = (sums[:, 1] / (n - 1).clamp_(min=1)).sqrt_() * scale  # one element: centred sum 0, std 0
-        abs_max = sums[:, 3]
-        # The float32 sum of squares holds abs_max**2 as one of its terms: its root is >= abs_max
-        # but for the last bit; keep the inequality exact.
-        norm = torch.maximum(sums[:, 2] * scale, abs_max)
-        zero_fraction = (n - counts[:, 0]) / n
-        table = torch.stack([mean, std, zero_fraction, norm, abs_max, counts[:, 1]], dim=1).index_select(0, order)
-        global_norm = torch.linalg.vector_norm(table[:, GRAD_STATS.index("norm")])  # float64: no overflow
-        global_row = torch.zeros(1, len(GRAD_STATS), dtype=torch.float64, device=table.device)
+        raw = self.sums(grads).double()
+        device = raw.device
+        n, root = torch.from_numpy(self._n).to(device), torch.from_numpy(self._root).to(device)
+        order = None if self._order is None else torch.from_numpy(self._order).to(device)
+        table, global_norm = _finish_gradient_rows(raw, n, root, order, torch)
+        global_row = torch.zeros(1, len(GRAD_STATS), dtype=torch.float64, device=device)
         global_row[0, GRAD_STATS.index("norm")] = global_norm
         return torch.cat([table, global_row])
 
-    @staticmethod
-    def _group_sums(g: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a (k, n) stack (zero-padded where `mask` is given): (k, 5) sums of the rows scaled
-        into [1, 2) (sum, centred sum of squares, norm, and the unscaled abs_max and scale), and
-        (k, 2) counts (non-zero, non-finite). The cheapest exact operations measured
-        (scripts/bench_telemetry.py): a two-pass variance instead of torch.std_mean along a
-        dimension, float sums of 0/1 values instead of boolean counts."""
-        k, n = g.shape
-        count_dtype = _count_dtype(n)
-        magnitude = g.abs()
-        abs_max = magnitude.amax(dim=1)
-        scale = _scale_of(abs_max)
-        x = g / scale[:, None]
-        total = x.sum(dim=1)
-        real = n if mask is None else mask.sum(dim=1)
-        centred = x - (total / real)[:, None]
-        if mask is not None:
-            centred.mul_(mask)  # padding is not a sample
-        squares = centred.square_().sum(dim=1)
-        norm = torch.linalg.vector_norm(x, dim=1)
-        # NaN counts as non-zero (NaN != 0), but torch's sign(NaN) is 0: make it 1 first.
-        nonzero = magnitude.nan_to_num_(nan=1.0).sign_().sum(dim=1, dtype=count_dtype)
-        # x - x is 0 for a finite x and NaN for inf and NaN.
-        nonfinite = torch.sub(x, x, out=centred).nan_to_num_(nan=1.0).sum(dim=1, dtype=count_dtype)
-        return (torch.stack([total, squares, norm, abs_max, scale], dim=1),
-                torch.stack([nonzero, nonfinite], dim=1).long())
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        """`sums` on the host (any float dtype) -> the rows of `__call__` flattened, then the
+        global norm (float64)."""
+        raw = np.asarray(raw, dtype=np.float64).reshape(7, -1)
+        table, global_norm = _finish_gradient_rows(raw, self._n, self._root, self._order, np)
+        return np.append(table.reshape(-1), global_norm)
+
+    @torch.no_grad()
+    def sums(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (7, rows) raw sums of `_Work` on the gradients' device; valid until the next call."""
+        self.stacker.stacks(grads)
+        w = self._work(grads[0].device, torch.float64 if any(g.dtype == torch.float64 for g in grads)
+                       else torch.float32)
+        x, work, groups = w.flat, w.work, w.groups
+        # Scale each row by the power of two of its largest magnitude: its largest |x| is in
+        # [1, 2), so no square overflows or underflows (see the module docstring).
+        torch.abs(x, out=work[3])
+        for g in groups:
+            torch.amax(g.magnitude, dim=1, out=g.abs_max)
+        torch.bitwise_and(w.abs_max_bits, w.exponent_mask, out=w.scale_bits).clamp_(w.low, w.high)
+        torch.reciprocal(w.raw[6], out=w.inverse)
+        for g in groups:
+            g.x.mul_(g.inverse)  # a power of two: the same values as x / scale
+            torch.sum(g.x, dim=1, out=g.total)
+        torch.div(w.raw[4], w.n, out=w.mean)
+        for g in groups:  # two-pass variance: centred, then squared
+            torch.sub(g.x, g.mean, out=g.centred)
+            if g.mask is not None:
+                g.centred.mul_(g.mask)  # padding is not a sample
+        work[0].square_()
+        torch.mul(x, x, out=work[1])
+        torch.sub(x, x, out=work[2])  # 0 for a finite x, NaN for inf and NaN
+        # Rows 2 and 3 become 0/1: non-finite, and non-zero (NaN != 0; torch's sign(NaN) is 0).
+        work[2:].nan_to_num_(nan=1.0).sign_()
+        # Float sums of 0/1 values: exact integers, 5-10x cheaper than boolean counts.
+        for g in groups:
+            torch.sum(g.terms, dim=2, dtype=w.sum_dtype, out=g.sums)
+        return w.raw
+
+    def _work(self, device: torch.device, dtype: torch.dtype) -> _Work:
+        if (device, dtype) not in self._on:
+            self._on[device, dtype] = _Work(self.stacker, device, dtype)
+        return self._on[device, dtype]
 
 
 def gradient_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -188,9 +359,13 @@ def gradient_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 class UpdateRatio:
     """||theta_after - theta_before|| / ||theta_before|| per parameter, for one optimizer step.
 
-    `before(params)` keeps a copy of the weights (stacked as `SizeGroups`); `__call__(kept,
-    params)` gives the ratios, float64 on the weights' device: inf for weights that were all 0
-    and moved, 0 for weights that did not move.
+    `before(params)` keeps a float64 copy of the weights (laid out as `SizeGroups`, one
+    `_foreach_copy_`); `norms(kept, params)` copies them again beside it and gives (2, k)
+    ||before|| and ||after - before|| on the device; `finish(norms)` the ratios on the host;
+    `__call__(kept, params)` the ratios on the weights' device, float64. inf for weights that
+    were all 0 and moved, 0 for weights that did not move. float64 squares of float32 (or half)
+    weights neither overflow nor underflow, and copies of one dtype need no temporaries. `kept`
+    is valid until the next `before`.
 
     >>> w = torch.tensor([3.0, 4.0]); ratio = UpdateRatio([2]); kept = ratio.before([w])
     >>> ratio(kept, [w + torch.tensor([0.0, 0.5])]).tolist()
@@ -198,21 +373,46 @@ class UpdateRatio:
     """
 
     def __init__(self, sizes: Sequence[int]):
-        self.stacker = SizeGroups(sizes)
+        self.stacker = SizeGroups(sizes, rows=2)  # row 0: before; row 1: after, then after - before
+        order = self.stacker._order
+        self._order = None if order == sorted(order) else np.asarray(order)
+        self._out: dict = {}
+        self._copies = 1  # shards in the global batch (distributed runs: `combine`)
 
     @torch.no_grad()
-    def before(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.stacker.stacks(params)
+    def before(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        self.stacker.stacks(params, dtype=torch.float64, row=0)
+        return self.stacker.buffer(params[0].device, torch.float64)[0]
 
     @torch.no_grad()
-    def __call__(self, kept: list[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
-        order = self.stacker.constants(kept[0].device)[0]
-        after = self.stacker.stacks(params)
-        # Padding is 0 before and after: it adds nothing to either norm.
-        norms = [torch.linalg.vector_norm(torch.stack([b, a.sub_(b)]), dim=2) for b, a in zip(kept, after, strict=True)]
-        both = torch.cat(norms, dim=1).double()  # (2, k): ||before||, ||after - before||
-        ratio = both[1] / both[0]
-        return torch.where(both[1] == 0, 0.0, ratio)[order]
+    def norms(self, kept: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(2, k) ||before|| and ||after - before||, in grouped order; valid until the next call."""
+        self.stacker.stacks(params, dtype=torch.float64, row=1)
+        kept[1].sub_(kept[0])
+        if kept.device not in self._out:
+            out = torch.zeros(2, len(self.stacker.sizes), dtype=torch.float64, device=kept.device)
+            views = self.stacker.buffer(kept.device, torch.float64)[1]
+            rows, start = [], 0
+            for view in views:
+                rows.append(out[:, start:start + view.shape[1]])
+                start += view.shape[1]
+            self._out[kept.device] = out, list(zip(views, rows, strict=True))
+        out, pairs = self._out[kept.device]
+        for view, rows in pairs:
+            torch.linalg.vector_norm(view, dim=2, out=rows)  # padding is 0: adds nothing
+        return out
+
+    def finish(self, norms: np.ndarray) -> np.ndarray:
+        before, moved = np.asarray(norms, dtype=np.float64).reshape(2, -1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(moved == 0, 0.0, moved / before)
+        return ratio if self._order is None else ratio[self._order]
+
+    @torch.no_grad()
+    def __call__(self, kept: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        before, moved = self.norms(kept, params)
+        ratio = torch.where(moved == 0, 0.0, moved / before)
+        return ratio if self._order is None else ratio[torch.from_numpy(self._order).to(ratio.device)]
 
 
 def unit_view(calls: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -255,8 +455,15 @@ class ActivationStats:
         """`shapes`: each layer's output shape, or the shape of its `unit_view`."""
         self.shapes = [self._view_shape(tuple(s)) for s in shapes]
         self.units = [u for _, u, _ in self.shapes]
-        self.groups, self._order = _groups(self.shapes)
+        # Grouped by the shapes as given: a group's outputs stack as they come.
+        self.groups, self._order = _groups([tuple(s) for s in shapes])
+        self._grouped_in_order = self._order == sorted(self._order)  # then the units are in order too
+        grouped = [i for idx in self.groups for i in idx]
+        self._totals = np.array([[self.units[i] for i in grouped], [math.prod(self.shapes[i]) for i in grouped]],
+                                dtype=np.float64)  # (2, layers): units and outputs, grouped order
         self._on: dict = {}
+        self._buffers: dict = {}
+        self._out: dict = {}
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -267,9 +474,9 @@ class ActivationStats:
             positions *= size
         return shape[0], shape[1], positions
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Made once per device: the row order, and where each layer's units sit in the grouped
-        `fired` vector (to put them in layer order)."""
+    def _constants(self, device: torch.device) -> tuple:
+        """Made once per device: the row order, where each layer's units sit in the grouped
+        `fired` vector (to put them in layer order), and per group (units, outputs) as float64."""
         if device not in self._on:
             starts, offset = {}, 0
             for idx in self.groups:
@@ -278,36 +485,88 @@ class ActivationStats:
                     offset += self.units[i]
             units = [starts[i] + u for i in range(len(self.shapes)) for u in range(self.units[i])]
             self._on[device] = (torch.tensor(self._order, dtype=torch.int64, device=device),
-                                torch.tensor(units, dtype=torch.int64, device=device))
+                                torch.tensor(units, dtype=torch.int64, device=device),
+                                torch.from_numpy(self._totals).to(device))
         return self._on[device]
+
+    def _signs(self, group: list[torch.Tensor], number: int) -> torch.Tensor:
+        """The signs of a group's outputs as (layers, samples, units[, positions]), in a buffer
+        kept across steps (see `SizeGroups`)."""
+        first = group[0]
+        key = (number, first.device, first.dtype)
+        kept = self._buffers.get(key)
+        if kept is None or kept[0].shape[1:] != first.shape:
+            buffer = torch.empty(len(group), *first.shape, dtype=first.dtype, device=first.device)
+            samples, units, positions = self.shapes[self.groups[number][0]]
+            view = buffer.view(len(group), samples, units, *([positions] if positions > 1 else []))
+            kept = self._buffers[key] = buffer, buffer[0], view
+        buffer, single, view = kept
+        if len(group) == 1:
+            torch.sign(first, out=single)
+            return view
+        try:
+            torch.stack(group, out=buffer).sign_()
+            return view
+        except RuntimeError:  # the same units and positions, from outputs of other shapes
+            return torch.stack([unit_view(t) for t in group]).sign_().view(view.shape)
+
+    def _counts_buffer(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if device not in self._out:
+            out = torch.zeros(2, len(self.shapes), dtype=torch.float64, device=device)
+            starts = [0]
+            for idx in self.groups:
+                starts.append(starts[-1] + len(idx))
+            self._out[device] = out, [out[:, a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        return self._out[device]
+
+    @torch.no_grad()
+    def counts(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]],
+               combine: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2, layers) float64: the units that fired and the non-zero outputs of each layer, in
+        grouped order (valid until the next call; `finish` makes the rows), and `fired`.
+
+        `combine` (distributed runs) maps this process's per-unit non-zero counts (layers, units)
+        to the global batch's, `(counts, copies)`: summed over the processes, whose `copies`
+        shards make the global batch. A unit fired if it fired on any process."""
+        tensors = [o if isinstance(o, torch.Tensor) else unit_view(o) for o in outputs]
+        device = tensors[0].device
+        unit_order = self._constants(device)[1]
+        out, slots = self._counts_buffer(device)
+        fired_parts = []
+        for number, (idx, slot) in enumerate(zip(self.groups, slots, strict=True)):
+            size = math.prod(self.shapes[idx[0]])
+            signs = self._signs([tensors[i] for i in idx], number)
+            # ReLU outputs are >= 0: an output is non-zero iff its sign is 1 (NaN's sign is 0).
+            # Per unit, the float sum of 0/1 values over samples and positions is an exact integer
+            # count (see _count_dtype), 5-8x cheaper than a boolean count; a unit fired iff its
+            # count is > 0.
+            per_unit = signs.sum(dim=1 if signs.dim() == 3 else (1, 3), dtype=_count_dtype(size))  # (L, U)
+            if combine is not None:
+                per_unit, self._copies = combine(per_unit)
+            fired = per_unit > 0
+            torch.sum(fired, dim=1, dtype=torch.float64, out=slot[0])
+            torch.sum(per_unit, dim=1, dtype=torch.float64, out=slot[1])
+            fired_parts.append(fired.reshape(-1))
+        fired = torch.cat(fired_parts) if len(fired_parts) > 1 else fired_parts[0]
+        return out, (fired if self._grouped_in_order else fired.index_select(0, unit_order))
+
+    def finish(self, counts: np.ndarray) -> np.ndarray:
+        """`counts` on the host -> the rows (dead_fraction, zero_fraction) flattened, layer order."""
+        totals = self._totals if self._copies == 1 else self._totals * np.array([[1.0], [self._copies]])
+        rows = ((totals - np.asarray(counts, dtype=np.float64).reshape(2, -1)) / totals).T
+        return (rows if self._grouped_in_order else rows[np.asarray(self._order)]).reshape(-1)
 
     @torch.no_grad()
     def __call__(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]],
                  combine: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`outputs`: per layer, its output, or the outputs of its calls in this step. `combine`
-        (distributed runs) maps this process's counts, `(fired (L, U), nonzero (L,))`, to the
-        global batch's, `(fired, nonzero, copies)`, where `copies` is how many shards of this size
-        the global batch holds."""
-        views = [unit_view(o) for o in outputs]
-        order, unit_order = self._constants(views[0].device)
-        rows, fired_parts = [], []
-        for idx in self.groups:
-            samples, units, positions = self.shapes[idx[0]]
-            stacked = views[idx[0]][None] if len(idx) == 1 else torch.stack([views[i] for i in idx])  # (L, B, U, P)
-            # ReLU outputs are >= 0: a unit fired iff its largest output is > 0 (exact in any
-            # dtype), and an output is non-zero iff its sign is 1: float sums of 0/1 values,
-            # exact integers (see _count_dtype), 5-8x cheaper than boolean counts.
-            fired = (stacked.amax(dim=(1, 3)) if positions > 1 else stacked.squeeze(3).amax(dim=1)) > 0  # (L, U)
-            size = samples * units * positions
-            signs = stacked.sign_() if len(idx) > 1 else stacked.sign()  # a stack is our own copy
-            nonzero = signs.reshape(len(idx), -1).sum(dim=1, dtype=_count_dtype(size)).long()
-            if combine is not None:
-                fired, nonzero, copies = combine(fired, nonzero)
-                size = size * copies
-            alive = fired.sum(dim=1)
-            rows.append(torch.stack([(units - alive).double() / units, (size - nonzero).double() / size], dim=1))
-            fired_parts.append(fired.reshape(-1))
-        return torch.cat(rows)[order], torch.cat(fired_parts)[unit_order]
+        """`outputs`: per layer, its output, or the outputs of its calls in this step; `combine`
+        as in `counts`."""
+        counts, fired = self.counts(outputs, combine)
+        order, _, totals = self._constants(counts.device)
+        if self._copies != 1:
+            totals = torch.cat([totals[:1], totals[1:] * self._copies])
+        rows = ((totals - counts) / totals).t()  # dead_fraction, zero_fraction
+        return (rows if self._grouped_in_order else rows.index_select(0, order)), fired
 
     def epoch_dead_fraction(self, fired_in_epoch: torch.Tensor) -> torch.Tensor:
         """Per layer, the share of units that never fired in the steps OR-ed into `fired_in_epoch`."""
