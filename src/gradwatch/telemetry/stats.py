@@ -377,7 +377,6 @@ class UpdateRatio:
         order = self.stacker._order
         self._order = None if order == sorted(order) else np.asarray(order)
         self._out: dict = {}
-        self._copies = 1  # shards in the global batch (distributed runs: `combine`)
 
     @torch.no_grad()
     def before(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -464,6 +463,7 @@ class ActivationStats:
         self._on: dict = {}
         self._buffers: dict = {}
         self._out: dict = {}
+        self._copies = 1  # shards in the global batch (distributed runs: `combine`)
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
