@@ -57,9 +57,11 @@ class _OutputTap:
             keep(output)
             return output
 
-        module.forward = types.MethodType(forward, module)
+        self.forward = module.forward = types.MethodType(forward, module)
 
     def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self.forward:
+            return  # wrapped again since (another tap): that one restores ours; `keep` then ignores calls
         if self.previous is not None:
             self.module.forward = self.previous
         else:
