@@ -58,9 +58,11 @@ class _OutputTap:
             keep(output)
             return output
 
-        module.forward = types.MethodType(forward, module)
+        self.forward = module.forward = types.MethodType(forward, module)
 
     def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self.forward:
+            return  # wrapped again since (another tap): that one restores ours; `keep` then ignores calls
         if self.previous is not None:
             self.module.forward = self.previous
         else:
@@ -76,8 +78,11 @@ class GradientTelemetry(pl.Callback):
     ratio). Activations come from forward hooks on the ReLU modules, keyed by module: a module
     called several times in a step has its calls concatenated along the batch dimension, so a unit
     is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a
-    channel. When logging every N > 1 steps the hooks exist only on the steps that log. The
-    numbers of a step stay on the device until its end and come to the host in one transfer.
+    channel. When logging every N > 1 steps the taps exist only on the steps that log. The
+    numbers of a step stay on the device until its end and come to the host in one transfer,
+    where the per-row arithmetic is done. To keep a step's cost to a few dozen tensor operations
+    it keeps buffers across steps: about 11 float32 copies of the parameters (gradient stacks and
+    work rows, float64 weights before and after) and one copy of the ReLU outputs.
 
     Example, in your own project (the callback writes into the logger's folder)::
 

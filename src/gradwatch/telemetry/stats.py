@@ -215,9 +215,9 @@ class _GroupViews:
         self.mask = mask
         self.inverse = work.inverse[rows, None]
         self.mean = work.mean[rows, None]
-        self.sums = work.raw[:4, rows]
-        self.total = work.raw[4, rows]
-        self.abs_max = work.raw[5, rows]
+        self.sums = work.sums[:, rows]
+        self.total = work.rest[0, rows]
+        self.abs_max = work.rest[1, rows]
 
 
 class _Work:
@@ -234,16 +234,24 @@ class _Work:
         rows = len(stacker.sizes)
         wide = dtype == torch.float64 or max(stacker.widths) >= 2**24
         self.sum_dtype = torch.float64 if wide else dtype
-        self.raw = torch.zeros(7, rows, dtype=self.sum_dtype, device=device)
+        # sums: rows 0-3 of `raw`; rest (sum, abs_max, scale): rows 4-6, in the gradients' dtype.
+        if self.sum_dtype == dtype:
+            self.raw = torch.zeros(7, rows, dtype=dtype, device=device)
+            self.sums, self.rest = self.raw[:4], self.raw[4:]
+        else:  # raw is their concatenation, made by `GradientStats.sums`
+            self.raw = None
+            self.sums = torch.zeros(4, rows, dtype=self.sum_dtype, device=device)
+            self.rest = torch.zeros(3, rows, dtype=dtype, device=device)
         self.inverse, self.mean = torch.zeros(2, rows, dtype=dtype, device=device)
         self.n = torch.tensor(stacker.row_sizes, dtype=dtype, device=device)
-        int_dtype, self.exponent_mask, low, high = _EXPONENT[self.sum_dtype]
+        int_dtype, self.exponent_mask, low, high = _EXPONENT[dtype]
         # The scale's exponent bits, kept to normal numbers (see _scale_of), as integers.
-        numpy_float = np.float64 if self.sum_dtype == torch.float64 else np.float32
+        numpy_float = np.float64 if dtype == torch.float64 else np.float32
         self.low, self.high = (int(np.array(v, dtype=numpy_float).view(f"i{np.dtype(numpy_float).itemsize}"))
                                for v in (low, high))
-        self.scale_bits = self.raw[6].view(int_dtype)
-        self.abs_max_bits = self.raw[5].view(int_dtype)
+        self.scale = self.rest[2]
+        self.scale_bits = self.rest[2].view(int_dtype)
+        self.abs_max_bits = self.rest[1].view(int_dtype)
         masks = stacker.constants(device)[2]
         self.groups, start, row = [], 0, 0
         for idx, width, mask in zip(stacker.groups, stacker.widths, masks, strict=True):
@@ -326,11 +334,11 @@ class GradientStats:
         for g in groups:
             torch.amax(g.magnitude, dim=1, out=g.abs_max)
         torch.bitwise_and(w.abs_max_bits, w.exponent_mask, out=w.scale_bits).clamp_(w.low, w.high)
-        torch.reciprocal(w.raw[6], out=w.inverse)
+        torch.reciprocal(w.scale, out=w.inverse)
         for g in groups:
             g.x.mul_(g.inverse)  # a power of two: the same values as x / scale
             torch.sum(g.x, dim=1, out=g.total)
-        torch.div(w.raw[4], w.n, out=w.mean)
+        torch.div(w.rest[0], w.n, out=w.mean)
         for g in groups:  # two-pass variance: centred, then squared
             torch.sub(g.x, g.mean, out=g.centred)
             if g.mask is not None:
@@ -343,7 +351,7 @@ class GradientStats:
         # Float sums of 0/1 values: exact integers, 5-10x cheaper than boolean counts.
         for g in groups:
             torch.sum(g.terms, dim=2, dtype=w.sum_dtype, out=g.sums)
-        return w.raw
+        return w.raw if w.raw is not None else torch.cat([w.sums, w.rest.to(w.sum_dtype)])
 
     def _work(self, device: torch.device, dtype: torch.dtype) -> _Work:
         if (device, dtype) not in self._on:
