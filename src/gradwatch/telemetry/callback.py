@@ -75,7 +75,7 @@ class GradientTelemetry(pl.Callback):
 
     Gradients are read in `on_before_optimizer_step` (after accumulation and AMP unscaling, before
     clipping and the update), the weights there and again in `on_train_batch_end` (the update
-    ratio). Activations come from forward hooks on the ReLU modules, keyed by module: a module
+    ratio). Activations come from a tap on each ReLU module's forward (`_OutputTap`), keyed by module: a module
     called several times in a step has its calls concatenated along the batch dimension, so a unit
     is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a
     channel. When logging every N > 1 steps the taps exist only on the steps that log. The
