@@ -6,7 +6,6 @@ It prints nothing and exits nothing: `train.py` and the sweep callback do.
 """
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -148,15 +147,6 @@ def relu_widths(model: torch.nn.Module) -> dict[str, int]:
     return widths
 
 
-def _check_top_level(cfg: DictConfig) -> None:
-    below = cfg.summary.converge_below
-    if not is_number(below) or not 0 <= below < math.inf:
-        raise ConfigError("summary.converge_below", below, "a number >= 0")
-    relative = cfg.summary.converge_relative
-    if not isinstance(relative, bool):
-        raise ConfigError("summary.converge_relative", relative, "true or false")
-
-
 def _telemetry(cfg: DictConfig, recorder: StepRecorder):
     if not cfg.telemetry.enabled:
         return None
@@ -232,8 +222,7 @@ class _Prepared:
 
 def _prepare(cfg: DictConfig, paths: RunPaths, multirun: bool, sigterm: "SigtermGuard") -> _Prepared:
     """Everything the fit needs, checked; writes nothing."""
-    _check_top_level(cfg)
-    parts = build(cfg)
+    parts = build(cfg)  # every scalar key checked first (config.checks.check_config)
     _check_processes(cfg, multirun, len(parts.x), parts.batches.batch_size)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, paths.root)
     resume_step = None
