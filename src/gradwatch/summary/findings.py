@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from gradwatch.config.cli import CONF_DIR
+from gradwatch.storage.files import read_yaml
+from gradwatch.storage.paths import RunPaths
 from gradwatch.summary.outcome import converge_threshold, steps_to_converge
 from gradwatch.telemetry import tags
 
@@ -49,12 +50,9 @@ class Finding:
         return asdict(self)
 
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads a config 3x faster
-
-
 def _configured_defaults() -> dict:
     """The `diagnosis:` and `summary:` keys of conf/train.yaml: the one home of the defaults."""
-    config = yaml.load((CONF_DIR / "train.yaml").read_text(), Loader=_YAML_LOADER)
+    config = read_yaml(CONF_DIR / "train.yaml")
     return {**config["summary"], **config["diagnosis"]}
 
 
@@ -85,10 +83,7 @@ class Thresholds:
     @classmethod
     def of_run(cls, run_dir: Path) -> "Thresholds":
         """From `<run_dir>/.hydra/config.yaml`; the defaults where it is missing or unreadable."""
-        try:
-            config = yaml.load((Path(run_dir) / ".hydra" / "config.yaml").read_text(), Loader=_YAML_LOADER)
-        except (OSError, yaml.YAMLError):
-            config = None
+        config = read_yaml(RunPaths(run_dir).config)
         return cls.from_config(config if isinstance(config, dict) else None)
 
 

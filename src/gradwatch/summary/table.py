@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from gradwatch.config.overrides import override_values
-from gradwatch.storage.files import write_atomic
+from gradwatch.storage.files import YAML_LOADER, read_yaml, write_atomic
 from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import read_run
 from gradwatch.summary import findings as fx
@@ -35,8 +35,6 @@ GROUPED_METRICS = ["final_loss", "min_loss", "steps_to_converge", "converged", "
 NOT_SWEPT = {"seed", "ckpt_path"}
 
 CSV_FILE, MARKDOWN_FILE, REPORT_FILE = "summary.csv", "summary.md", "report.png"
-# The C YAML loader reads a run's config several times faster than OmegaConf.load.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
@@ -60,7 +58,7 @@ def configured_thresholds(path: Path) -> tuple[float | None, bool | None]:
     """`summary.converge_below` and `summary.converge_relative` from a config file (a run's
     .hydra/config.yaml, a sweep's multirun.yaml, conf/train.yaml); None for what it does not say."""
     try:
-        summary = (_read_yaml(Path(path)) or {}).get("summary") or {}
+        summary = (read_yaml(Path(path)) or {}).get("summary") or {}
         below, relative = summary.get("converge_below"), summary.get("converge_relative")
         return (None if below is None else float(below)), (None if relative is None else bool(relative))
     except (ValueError, TypeError, AttributeError):
@@ -81,14 +79,6 @@ def _run_number(path: Path) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def _read_yaml(path: Path):
-    """A YAML file's content (plain dicts and lists), or None when missing or unreadable."""
-    try:
-        return yaml.load(path.read_text(), Loader=_YAML_LOADER)
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-
-
 def _choices(path: Path) -> dict | None:
     """`hydra.runtime.choices` of a run's `.hydra/hydra.yaml`, reading only that block (the rest
     of the file is most of a summary's YAML time); the whole file when the block is not found."""
@@ -104,13 +94,13 @@ def _choices(path: Path) -> dict | None:
                 break
             block.append(line[6:])
         try:
-            found = yaml.load("\n".join(block), Loader=_YAML_LOADER)
+            found = yaml.load("\n".join(block), Loader=YAML_LOADER)
             if isinstance(found, dict):
                 return found
         except yaml.YAMLError:
             pass
     try:
-        node = yaml.load(text, Loader=_YAML_LOADER)
+        node = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
         return None
     runtime = ((node or {}).get("hydra") or {}).get("runtime") if isinstance(node, dict) else None
@@ -154,13 +144,13 @@ def swept_values(record: dict, paths: RunPaths, config: dict | None = None) -> d
     any other key from the resolved `.hydra/config.yaml` (`config`, when already read), else as typed."""
     items = record.get("overrides")
     if not isinstance(items, list):
-        loaded = _read_yaml(paths.overrides)
+        loaded = read_yaml(paths.overrides)
         items = [str(i) for i in loaded] if isinstance(loaded, list) else []
     items = [str(item) for item in items]
     if not items:
         return {}
     if config is None:
-        config = _read_yaml(paths.config)
+        config = read_yaml(paths.config)
     if not isinstance(config, dict):
         config = None
     keys = [item.split("=", 1)[0].lstrip("+~") for item in items]
@@ -221,7 +211,7 @@ def summarize_run(run_dir: Path, root: Path, converge_below: float | None = None
     """One row of the summary, the run's loss curve and its results (outcome, findings, curves);
     problems go into the row's `error`. Thresholds as in `run_thresholds`."""
     paths = RunPaths(run_dir)
-    config = _read_yaml(paths.config)
+    config = read_yaml(paths.config)
     thresholds = run_thresholds(config, fallback, converge_below, relative)
     row: dict = {"run_dir": str(run_dir.relative_to(root)) if run_dir != root else ".", "status": "unknown"}
     problems = []
@@ -280,7 +270,7 @@ def summarize(folder: Path, converge_below: float | None = None, relative: bool 
     """The summary of every run under `folder`; thresholds as in `run_thresholds`, the sweep's
     `multirun.yaml` standing in for a run without a config."""
     folder = Path(folder)
-    fallback = _read_yaml(folder / "multirun.yaml")
+    fallback = read_yaml(folder / "multirun.yaml")
     rows, curves, unreadable, metrics, findings = [], [], [], {}, {}
     for run_dir in find_runs(folder):
         row, curve, results = summarize_run(run_dir, folder, converge_below, relative, fallback)
