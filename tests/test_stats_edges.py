@@ -6,11 +6,32 @@ import pytest
 import torch
 from torch import nn
 
-from gradwatch.telemetry import tags
+from gradwatch.telemetry import stats, tags
 from gradwatch.telemetry.callback import GradientTelemetry
 from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, activation_stats, gradient_stats
 
 STATS = tags.GRAD_STATS
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def path(request, monkeypatch):
+    """Both implementations: the CPU kernels (float32 CPU tensors) and torch operations."""
+    monkeypatch.setattr(stats, "HOST_KERNELS", request.param == "kernels")
+    return request.param
+
+
+def test_float32_cpu_tensors_take_the_kernels_and_others_torch(path):
+    kernels = path == "kernels"
+    grads = [torch.randn(4, 3), torch.randn(3)]
+    assert (GradientStats([12, 3]).pending(grads)[1] is None) == kernels
+    ratio = UpdateRatio([12, 3])
+    assert (ratio.pending(ratio.before(grads), grads)[1] is None) == kernels
+    acts = ActivationStats([(4, 3)])
+    assert (acts.pending([torch.rand(4, 3)])[1] == acts._finish_in_order) == kernels
+    # Never for what the kernels cannot read: bf16, float64, a transposed (non-contiguous) view.
+    for other in ([g.bfloat16() for g in grads], [g.double() for g in grads], [grads[0].t(), grads[1]]):
+        assert GradientStats([12, 3]).pending(other)[1] is not None
+    assert acts.pending([torch.rand(3, 4).t()])[1] != acts._finish_in_order
 
 
 def reference(grad: torch.Tensor) -> list[float]:
@@ -22,6 +43,7 @@ def reference(grad: torch.Tensor) -> list[float]:
 
 
 @pytest.mark.parametrize("scale", [1e-38, 1e-30, 1e-20, 1.0, 1e20, 1e31, 1e38 / 8])
+@pytest.mark.usefixtures("path")
 def test_float32_gradients_at_any_magnitude_equal_float64(scale):
     torch.manual_seed(0)
     grads = [torch.randn(64, 30) * scale, torch.randn(30) * scale, torch.randn(1) * scale, torch.zeros(5),
@@ -34,6 +56,7 @@ def test_float32_gradients_at_any_magnitude_equal_float64(scale):
     assert table[-1, STATS.index("norm")].item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.usefixtures("path")
 def test_linear_model_on_inputs_of_extreme_scale():
     # Vanishing and exploding gradients through a real backward pass: inputs at 1e-30 and 1e31.
     for scale in (1e-30, 1e31):
@@ -57,6 +80,7 @@ def test_half_precision_gradients_widen_exactly(dtype):
     assert row.tolist() == pytest.approx(reference(grad), rel=1e-5, abs=0)
 
 
+@pytest.mark.usefixtures("path")
 def test_nonfinite_counted_without_poisoning_the_rest():
     table = gradient_stats([torch.tensor([float("inf"), 1.0, 0.0, float("nan")]), torch.tensor([3.0, -4.0])])
     assert table[0, STATS.index("nonfinite")] == 2 and table[0, STATS.index("zero_fraction")] == 0.25
@@ -74,6 +98,7 @@ def test_activation_fractions_exact_in_half_precision(dtype):
     assert fired.tolist() == (out > 0).any(dim=0).tolist()
 
 
+@pytest.mark.usefixtures("path")
 def test_convolution_channels_are_units_and_calls_concatenate():
     conv = torch.relu(torch.randn(4, 6, 5, 5))
     conv[:, 2] = 0  # channel 2 never fires
@@ -90,6 +115,7 @@ def test_convolution_channels_are_units_and_calls_concatenate():
     assert rows[0, 0] == 0.0
 
 
+@pytest.mark.usefixtures("path")
 def test_update_ratio_equals_the_weights_change():
     w = [torch.randn(50, 40), torch.randn(40), torch.zeros(3), torch.randn(1)]
     ratio = UpdateRatio([t.numel() for t in w])
@@ -133,6 +159,7 @@ class Reversed(nn.Module):
         return self.c(self.twice(h) + self.twice(-h))
 
 
+@pytest.mark.usefixtures("path")
 def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch):
     import lightning.pytorch as pl
 

@@ -88,8 +88,10 @@ class ParquetSink:
     def _write_part(self, table: pa.Table) -> None:
         buffer = io.BytesIO()
         # Statistics of the step column only: those of ~700 tags and their values cost more
-        # than the rest of the write, and nothing filters on them.
-        pq.write_table(table, buffer, write_statistics=["step"])
+        # than the rest of the write, and nothing filters on them. A dictionary for the tags and
+        # steps only: hashing ~70,000 distinct float values into one took 2/3 of a deep net's
+        # flush (8.5 ms against 2.4 ms per 100 steps of 700 tags), and made the file larger.
+        pq.write_table(table, buffer, write_statistics=["step"], use_dictionary=["tag", "step"])
         write_atomic(self.folder / _PART.format(self._next_part), buffer.getvalue())
         self._next_part += 1
 

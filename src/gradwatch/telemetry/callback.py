@@ -17,7 +17,7 @@ from torch import nn
 
 from gradwatch.config.errors import ConfigError, check_int
 from gradwatch.telemetry import tags
-from gradwatch.telemetry.distributed import combine_unit_counts
+from gradwatch.telemetry.distributed import combine_unit_counts, world
 from gradwatch.telemetry.recorder import StepRecorder
 from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
 
@@ -251,7 +251,7 @@ class GradientTelemetry(pl.Callback):
     def _finish_step(self, trainer, batch_idx: int) -> None:
         step, self._step = self._step, None
         if self._kept is not None:
-            self._pending.append((self._update.norms(self._kept, self._params), self._update.finish))
+            self._pending.append(self._update.pending(self._kept, self._params))
             self._pending_tags.append(self._update_tags)
             self._kept = None
         if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
@@ -308,7 +308,7 @@ class GradientTelemetry(pl.Callback):
             self._grad_list = named
             self._params = [p for _, p in named]
         # Per-parameter rows, then the global norm.
-        self._pending.append((self._grad_stats.sums([p.grad for p in self._params]), self._grad_stats.finish))
+        self._pending.append(self._grad_stats.pending([p.grad for p in self._params]))
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:
@@ -322,8 +322,8 @@ class GradientTelemetry(pl.Callback):
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
             self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, present
         stats, act_tags, present = self._act_stats[key]
-        counts, fired = stats.counts(outputs, combine_unit_counts)
-        self._pending.append((counts, stats.finish))
+        values, finish, fired = stats.pending(outputs, combine_unit_counts if world()[1] > 1 else None)
+        self._pending.append((values, finish))
         self._pending_tags.append(act_tags)
         resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint
         if self._fired_epoch is not None and resumed_or_same and self._fired_epoch.shape == fired.shape:

@@ -1,0 +1,224 @@
+"""Fused CPU kernels for the statistics: one pass over each tensor where torch needs a dozen.
+
+On a CPU the statistics are memory-bound: each torch operation reads (and often writes) the whole
+gradient, and a step's telemetry took ~15 such passes plus a copy of every gradient into one
+stack. These kernels (numba, compiled on first use and cached on disk) read each float32 tensor
+where it lies, through its address, and keep every sum in float64 registers: the gradients'
+rows take two passes (the second for the centred sum of squares, while the tensor is still in
+cache), the update ratio one pass before the step and one after, the dead units one pass over the
+ReLU outputs (`scripts/bench_telemetry.py` measures them against the torch path).
+
+Exact at any float32 magnitude, like the torch path: a float32 value squared in float64 neither
+overflows nor underflows (float32 spans 1.4e-45 to 3.4e38; float64 normal numbers 2.2e-308 to
+1.8e308), and the difference of two float32 numbers is exact in float64. Counts are integers.
+The largest magnitude comes from the values' bit patterns (sign cleared), whose integer order
+is the order of the magnitudes, NaN above inf: an integer maximum that vectorises and gives NaN
+for a row holding one, as torch's `amax` does. `reassoc` lets the compiler reorder the sums (and
+so vectorise them); NaN and inf keep their meaning (no `nnan`/`ninf`).
+
+`available()` says whether numba imports; the callers (`stats.py`) fall back to torch operations
+without it, and for any tensor that is not a contiguous float32 CPU tensor (CUDA, bf16, float64).
+"""
+
+import math
+
+import numpy as np
+
+try:
+    import numba
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba is a dependency; torch operations do the work then
+    numba = None
+
+_FLAGS = {"reassoc", "contract"}
+_MAGNITUDE = np.int32(0x7FFFFFFF)  # all bits but the sign
+_INFINITY = np.int32(0x7F800000)  # the bit pattern of +inf; NaNs lie above it
+
+
+def available() -> bool:
+    return numba is not None
+
+
+if numba is not None:
+
+    @intrinsic
+    def _pointer(typingctx, address):
+        """An integer address (`tensor.data_ptr()`) as a `void*`, for `numba.carray`."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+        return types.voidptr(address), codegen
+
+    def _kernel(function):
+        return numba.njit(fastmath=_FLAGS, cache=True, nogil=True, error_model="numpy")(function)
+
+    # Each loop over a tensor is a function of its own: inside the loop over tensors the
+    # compiler left the same loops unvectorised (measured 3-6x slower).
+    @_kernel
+    def _float32_at(address, n):
+        return numba.carray(_pointer(address), (n,), np.float32)
+
+    @_kernel
+    def _row_sums(address, n):
+        """sum, sum of squares (float64), the largest magnitude's bits, zeros, non-finite values."""
+        x = _float32_at(address, n)
+        bits = x.view(np.int32)
+        total = 0.0
+        squares = 0.0
+        top = np.int32(0)
+        zeros = 0
+        nonfinite = 0
+        for i in range(n):
+            value = np.float64(x[i])
+            total += value
+            squares += value * value
+            magnitude = bits[i] & _MAGNITUDE
+            top = max(top, magnitude)
+            zeros += magnitude == 0
+            nonfinite += magnitude >= _INFINITY
+        return total, squares, top, zeros, nonfinite
+
+    @_kernel
+    def _centred_squares(address, n, mean):
+        x = _float32_at(address, n)
+        centred = 0.0
+        for i in range(n):
+            deviation = np.float64(x[i]) - mean
+            centred += deviation * deviation
+        return centred
+
+    @_kernel
+    def _gradient_rows(addresses, sizes, tops, out):
+        """out[6 * r : 6 * r + 6] = mean, std, zero_fraction, norm, abs_max, nonfinite of the
+        float32 tensor at addresses[r]; out[-1] = the global norm. `tops` (int32, one per row)
+        holds the largest magnitudes' bit patterns."""
+        everything = 0.0
+        magnitudes = tops.view(np.float32)
+        for r in range(addresses.shape[0]):
+            n = sizes[r]
+            total, squares, top, zeros, nonfinite = _row_sums(addresses[r], n)
+            mean = total / n
+            centred = _centred_squares(addresses[r], n, mean)  # the tensor is still in cache
+            tops[r] = top
+            row = out[6 * r : 6 * r + 6]
+            row[0] = mean
+            row[1] = math.sqrt(centred / (n - 1)) if n > 1 else 0.0
+            row[2] = zeros / n
+            row[3] = math.sqrt(squares)
+            row[4] = magnitudes[r]
+            row[5] = nonfinite
+            everything += squares
+        out[-1] = math.sqrt(everything)
+
+    @_kernel
+    def _copy_squares(address, kept):
+        x = _float32_at(address, kept.shape[0])
+        squares = 0.0
+        for i in range(kept.shape[0]):
+            value = x[i]
+            kept[i] = value
+            squares += np.float64(value) * np.float64(value)
+        return squares
+
+    @_kernel
+    def _keep(addresses, sizes, kept, before):
+        """Copies the float32 tensors into `kept` (end to end) and puts each one's squared norm
+        in `before`."""
+        start = 0
+        for r in range(addresses.shape[0]):
+            before[r] = _copy_squares(addresses[r], kept[start : start + sizes[r]])
+            start += sizes[r]
+
+    @_kernel
+    def _change_squares(address, kept):
+        x = _float32_at(address, kept.shape[0])
+        squares = 0.0
+        for i in range(kept.shape[0]):
+            change = np.float64(x[i]) - np.float64(kept[i])  # exact: float32 values in float64
+            squares += change * change
+        return squares
+
+    @_kernel
+    def _moved(addresses, sizes, kept, before, out):
+        """out[r] = ||now - kept|| / ||kept|| for each tensor (0 if it did not move, inf if it was
+        all 0 and moved)."""
+        start = 0
+        for r in range(addresses.shape[0]):
+            squares = _change_squares(addresses[r], kept[start : start + sizes[r]])
+            out[r] = 0.0 if squares == 0.0 else math.sqrt(squares) / math.sqrt(before[r])
+            start += sizes[r]
+
+    @_kernel
+    def _count_rows(x, samples, units, counts):
+        """counts[u] += outputs > 0 of unit u, for (samples, units) outputs: along the units."""
+        for s in range(samples):
+            row = x[s * units : (s + 1) * units]
+            for u in range(units):
+                counts[u] += row[u] > 0
+
+    @_kernel
+    def _count_blocks(x, samples, units, positions, counts):
+        """The same for (samples, channels, positions): a sum over each channel's positions."""
+        for s in range(samples):
+            for u in range(units):
+                block = x[(s * units + u) * positions : (s * units + u + 1) * positions]
+                fired = 0
+                for p in range(positions):
+                    fired += block[p] > 0
+                counts[u] += fired
+
+    @_kernel
+    def _unit_counts(addresses, shapes, per_unit, out):
+        """For each float32 layer output at addresses[l], of shape (samples, units, positions) =
+        shapes[l]: per_unit[...] = how many of each unit's outputs are > 0 (its units end to
+        end), out[l] = the units that fired, out[layers + l] = the outputs > 0. A ReLU's output
+        is >= 0 or NaN: > 0 is non-zero, and NaN counts as not firing."""
+        layers = addresses.shape[0]
+        start = 0
+        for layer in range(layers):
+            samples, units, positions = shapes[layer, 0], shapes[layer, 1], shapes[layer, 2]
+            x = _float32_at(addresses[layer], samples * units * positions)
+            counts = per_unit[start : start + units]
+            counts[:] = 0
+            if positions == 1:
+                _count_rows(x, samples, units, counts)
+            else:
+                _count_blocks(x, samples, units, positions, counts)
+            fired_units = 0
+            nonzero = 0
+            for u in range(units):
+                fired_units += counts[u] > 0
+                nonzero += counts[u]
+            out[layer] = fired_units
+            out[layers + layer] = nonzero
+            start += units
+
+
+def gradient_rows(addresses: np.ndarray, sizes: np.ndarray, tops: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`GradientStats`' rows of float32 CPU tensors, by address (`tensor.data_ptr()`; the caller
+    keeps the tensors alive): `out` (6 * rows + 1, float64) holds each row's mean, std,
+    zero_fraction, norm, abs_max and nonfinite, then the global norm; `tops` is int32 scratch,
+    one per row."""
+    _gradient_rows(addresses, sizes, tops, out)
+    return out
+
+
+def keep(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.ndarray) -> None:
+    """`UpdateRatio.before`: the weights copied into `kept` (float32), their squared norms into `before`."""
+    _keep(addresses, sizes, kept, before)
+
+
+def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.ndarray, out: np.ndarray) -> None:
+    """`UpdateRatio`: out[r] = ||now - kept|| / ||kept|| per tensor (float64)."""
+    _moved(addresses, sizes, kept, before, out)
+
+
+def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, out: np.ndarray) -> None:
+    """`ActivationStats`: per-unit counts of outputs > 0 (int64, all layers' units end to end),
+    and per layer (fired units, outputs > 0) into `out` (2 * layers, float64)."""
+    _unit_counts(addresses, shapes, per_unit, out)
