@@ -159,8 +159,7 @@ class Reversed(nn.Module):
         return self.c(self.twice(h) + self.twice(-h))
 
 
-@pytest.mark.usefixtures("path")
-def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch):
+def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, path):
     import lightning.pytorch as pl
 
     torch.manual_seed(4)
@@ -216,7 +215,8 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch):
     trainer = pl.Trainer(max_steps=2, callbacks=[telemetry], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader([x], batch_size=None))
-    assert transfers == {"cpu": 2, "item": 0, "bool": 0}  # one per logged step
+    # One per logged step; none where the CPU kernels left everything on the host already.
+    assert transfers == {"cpu": 2 if path == "torch" else 0, "item": 0, "bool": 0}
     step = recorder.steps[0]
     early = (net.a(x) > 0).any(dim=0)
     assert step["act/net.early/dead_fraction"] == (~early).sum().item() / 4 == 0.5

@@ -6,7 +6,9 @@ the recorder is given; in any other Lightning project the callback makes its own
 the Trainer's TensorBoardLogger.
 """
 
+import itertools
 import logging
+import operator
 import types
 from collections.abc import Callable
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 ON_NONFINITE = ("warn", "stop")
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
 _NONFINITE = tags.GRAD_STATS.index("nonfinite")
+_GRAD = operator.attrgetter("grad")
 
 
 def relu_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -135,6 +138,8 @@ class GradientTelemetry(pl.Callback):
         self._kept: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
         self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
+        self._network_tensors: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor] = []  # this step's, of `_named`
         self._grad_key: tuple[str, ...] | None = None
         self._grad_list: list | None = None  # the `named` list `_params` was taken from
         self._grad_stats: GradientStats | None = None
@@ -178,6 +183,7 @@ class GradientTelemetry(pl.Callback):
             self.recorder.on_fit_start(trainer, pl_module)
         network = network_of(pl_module)
         self._network_params = list(network.named_parameters())
+        self._network_tensors = [p for _, p in self._network_params]
         self._layers = relu_layers(network) if self.activations else []
         self._calls = [[] for _ in self._layers]
         if self.every_n_steps == 1:
@@ -260,7 +266,7 @@ class GradientTelemetry(pl.Callback):
         self.recorder.add(names, values)
         if self._named and self.on_nonfinite == "warn":
             self._check_finite(trainer, step, values[: len(self._grad_tags)])
-        self._named = []
+        self._named, self._grads = [], []
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self._own_recorder and self.recorder is not None:
@@ -287,13 +293,18 @@ class GradientTelemetry(pl.Callback):
     # -- what -----------------------------------------------------------------------------------
     def _with_gradients(self, pl_module) -> list[tuple[str, torch.Tensor]]:
         """The (name, parameter) pairs that have a gradient this step: every parameter of the
-        network, usually, as one cached list (the statistics objects are cached by it)."""
+        network, usually, as one cached list (the statistics objects are cached by it); their
+        gradients go to `_grads`."""
         if self._network_params is None:  # called outside a fit
             self._network_params = list(network_of(pl_module).named_parameters())
-        every = self._network_params
-        if all(p.grad is not None for _, p in every):
-            return every
-        return [(n, p) for n, p in every if p.grad is not None]
+            self._network_tensors = [p for _, p in self._network_params]
+        grads = list(map(_GRAD, self._network_tensors))
+        if all(map(operator.is_not, grads, itertools.repeat(None))):  # not `None in`: that calls Tensor.__eq__
+            self._grads = grads
+            return self._network_params
+        named = [(n, p) for n, p in self._network_params if p.grad is not None]
+        self._grads = [p.grad for _, p in named]
+        return named
 
     def _add_gradient_stats(self, named: list[tuple[str, torch.Tensor]]) -> None:
         if named is not self._grad_list:  # usually the same cached list, step after step
@@ -308,7 +319,7 @@ class GradientTelemetry(pl.Callback):
             self._grad_list = named
             self._params = [p for _, p in named]
         # Per-parameter rows, then the global norm.
-        self._pending.append(self._grad_stats.pending([p.grad for p in self._params]))
+        self._pending.append(self._grad_stats.pending(self._grads))
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:
@@ -336,7 +347,8 @@ class GradientTelemetry(pl.Callback):
         fired, self._fired_epoch = self._fired_epoch, None
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
             return
-        self._pending.append((self._epoch_stats.epoch_dead_fraction(fired), None))
+        never_fired = self._epoch_stats.epoch_dead_fraction(fired)
+        self._pending.append((never_fired.numpy() if never_fired.is_cpu else never_fired, None))
         key = tuple(self._epoch_layers)
         epoch_tags = self._epoch_tags.get(key)
         if epoch_tags is None:  # one tuple object per set of layers: the names caches key by identity
@@ -357,19 +369,22 @@ class GradientTelemetry(pl.Callback):
         return cached[0]
 
     def _transfer(self) -> np.ndarray:
-        """Everything pending as one float64 vector, brought to the host at once (the step's one
-        device-to-host transfer), finished there; clears it."""
+        """Everything pending as one float64 vector, finished on the host; clears it. Tensors
+        come over in one transfer (the step's one device-to-host synchronisation); what the CPU
+        kernels made is there already (numpy arrays)."""
         pending, self._pending, self._pending_tags = self._pending, [], []
         if not pending:
             return np.empty(0)
-        flat = [tensor.reshape(-1) for tensor, _ in pending]
-        host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
-        values, start = [], 0
-        for (_, finish), part in zip(pending, flat, strict=True):
-            end = start + part.numel()
-            values.append(host[start:end] if finish is None else finish(host[start:end]))
-            start = end
-        return np.concatenate(values).astype(np.float64, copy=False)  # a new array: never a view of a buffer
+        tensors = [values.reshape(-1) for values, _ in pending if isinstance(values, torch.Tensor)]
+        if tensors:
+            host = (torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
+        parts, start = [], 0
+        for values, finish in pending:
+            if isinstance(values, torch.Tensor):
+                end = start + values.numel()
+                values, start = host[start:end], end
+            parts.append(values if finish is None else finish(values))
+        return np.concatenate(parts).astype(np.float64, copy=False)  # a new array: never a view of a buffer
 
     def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
         counts = grad_values[:-1].reshape(len(self._named), len(tags.GRAD_STATS))[:, _NONFINITE]

@@ -43,10 +43,12 @@ HOST_KERNELS = True  # use gradwatch.telemetry.kernels for float32 CPU tensors (
 _kernels = None  # the module once imported; False when numba is missing
 
 
-def _host_addresses(tensors: Sequence[torch.Tensor], shapes: Sequence) -> np.ndarray | None:
-    """The tensors' addresses when the CPU kernels can read them all (contiguous float32 CPU
-    tensors of the expected `shapes` (sizes or shapes), and numba present), else None. The
-    caller keeps the tensors alive meanwhile."""
+_DTYPE, _IS_CPU, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("is_cpu"), operator.attrgetter("shape")
+_FLOAT32 = {torch.float32}
+
+
+def _host_kernels():
+    """`gradwatch.telemetry.kernels` when they are to be used (HOST_KERNELS) and numba imports, else None."""
     global _kernels
     if not HOST_KERNELS:
         return None
@@ -56,17 +58,22 @@ def _host_addresses(tensors: Sequence[torch.Tensor], shapes: Sequence) -> np.nda
         except ImportError:  # pragma: no cover - numba is a dependency
             kernels = None
         _kernels = kernels if kernels is not None and kernels.available() else False
-    if _kernels is False:
+    return _kernels or None
+
+
+def _host_addresses(tensors: Sequence[torch.Tensor], shapes: list) -> np.ndarray | None:
+    """The tensors' addresses when the CPU kernels can read them all (contiguous float32 CPU
+    tensors of the expected `shapes`, numels or `torch.Size`s, and numba present), else None.
+    The caller keeps the tensors alive meanwhile. Checked with `map` (C loops): a Python loop
+    over a 100-layer net's tensors cost 120 us a call, this 60 us."""
+    if _host_kernels() is None or not tensors or len(tensors) != len(shapes):
         return None
-    if len(tensors) != len(shapes):
+    # A sparse tensor is not contiguous: it stops at the third test, before `data_ptr`.
+    if (set(map(_DTYPE, tensors)) != _FLOAT32 or not all(map(_IS_CPU, tensors))
+            or not all(map(torch.Tensor.is_contiguous, tensors))
+            or list(map(torch.Tensor.numel if isinstance(shapes[0], int) else _SHAPE, tensors)) != shapes):
         return None
-    addresses = []
-    for t, shape in zip(tensors, shapes, strict=True):
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or \
-                (t.numel() != shape if isinstance(shape, int) else t.shape != shape):
-            return None
-        addresses.append(t.data_ptr())
-    return np.array(addresses, dtype=np.int64)
+    return np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
 
 
 def _groups(keys: Sequence) -> tuple[list[list[int]], list[int]]:
@@ -340,15 +347,17 @@ class GradientStats:
         self._host_tops = np.zeros(len(self.sizes), dtype=np.int32)
         self._host_out = np.zeros(len(self.sizes) * len(GRAD_STATS) + 1)
 
-    def pending(self, grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]:
-        """This step's numbers and what finishes them on the host: the rows of `__call__`
+    def pending(self, grads: Sequence[torch.Tensor]
+                ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]:
+        """This step's numbers, on the device (a tensor) or already on the host (the CPU
+        kernels' numpy array), and what finishes them on the host: the rows of `__call__`
         flattened, then the global norm, once `finish` (None: nothing to do) has had them.
         Valid until the next call."""
         addresses = None if self._host_sizes is None else _host_addresses(grads, self.sizes)
         if addresses is None:
             return self.sums(grads), self.finish
-        _kernels.gradient_rows(addresses, self._host_sizes, self._host_tops, self._host_out)
-        return torch.from_numpy(self._host_out), None
+        _host_kernels().gradient_rows(addresses, self._host_sizes, self._host_tops, self._host_out)
+        return self._host_out, None
 
     @torch.no_grad()
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -356,8 +365,8 @@ class GradientStats:
         if finish is None:  # the CPU kernels' rows
             rows = len(self.sizes)
             table = torch.zeros(rows + 1, len(GRAD_STATS), dtype=torch.float64)
-            table[:rows] = values[:-1].view(rows, len(GRAD_STATS))
-            table[rows, GRAD_STATS.index("norm")] = values[-1]
+            table[:rows] = torch.from_numpy(values[:-1]).view(rows, len(GRAD_STATS))
+            table[rows, GRAD_STATS.index("norm")] = float(values[-1])
             return table
         raw = values.double()
         device = raw.device
@@ -444,32 +453,38 @@ class UpdateRatio:
         # The CPU kernels' copy (float32, end to end), squared norms before, and ratios.
         self._host_sizes = np.asarray(sizes, dtype=np.int64)
         self._host_kept: np.ndarray | None = None
+        self._host_params: np.ndarray | None = None  # their addresses at `before`
         self._host_before = np.zeros(len(self._host_sizes))
         self._host_ratio = np.zeros(len(self._host_sizes))
 
     @torch.no_grad()
     def before(self, params: Sequence[torch.Tensor]) -> torch.Tensor | np.ndarray:
         """The weights kept for `pending`/`__call__` after the step."""
-        addresses = _host_addresses(params, self.stacker.sizes)
+        addresses = self._host_params = _host_addresses(params, self.stacker.sizes)
         if addresses is not None:
             if self._host_kept is None:
                 self._host_kept = np.zeros(int(self._host_sizes.sum()), dtype=np.float32)
-            _kernels.keep(addresses, self._host_sizes, self._host_kept, self._host_before)
+            _host_kernels().keep(addresses, self._host_sizes, self._host_kept, self._host_before)
             return self._host_kept
         self.stacker.stacks(params, dtype=torch.float64, row=0)
         return self.stacker.buffer(params[0].device, torch.float64)[0]
 
     def pending(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]
-                ) -> tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]:
-        """The step's ratios, and what finishes them on the host (None: nothing to do); valid
-        until the next call."""
+                ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]:
+        """The step's numbers (a device tensor, or the CPU kernels' ratios in a numpy array) and
+        what finishes them on the host (None: nothing to do); valid until the next call."""
         if isinstance(kept, np.ndarray):  # kept by the CPU kernels
-            addresses = _host_addresses(params, self.stacker.sizes)
+            # The same tensors in the same places as at `before` (the optimizer steps in place),
+            # or checked again.
+            addresses = np.fromiter(map(torch.Tensor.data_ptr, params), dtype=np.int64, count=len(params)) \
+                if len(params) == len(self._host_sizes) else None
+            if addresses is None or not np.array_equal(addresses, self._host_params):
+                addresses = _host_addresses(params, self.stacker.sizes)
             if addresses is None:  # the weights left the CPU or float32 during the step
                 self._host_ratio[:] = math.nan
             else:
-                _kernels.moved(addresses, self._host_sizes, kept, self._host_before, self._host_ratio)
-            return torch.from_numpy(self._host_ratio), None
+                _host_kernels().moved(addresses, self._host_sizes, kept, self._host_before, self._host_ratio)
+            return self._host_ratio, None
         return self.norms(kept, params), self.finish
 
     @torch.no_grad()
@@ -499,7 +514,7 @@ class UpdateRatio:
     @torch.no_grad()
     def __call__(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]) -> torch.Tensor:
         if isinstance(kept, np.ndarray):
-            return self.pending(kept, params)[0].clone()
+            return torch.from_numpy(self.pending(kept, params)[0].copy())
         before, moved = self.norms(kept, params)
         ratio = torch.where(moved == 0, 0.0, moved / before)
         return ratio if self._order is None else ratio[torch.from_numpy(self._order).to(ratio.device)]
@@ -561,6 +576,7 @@ class ActivationStats:
         self._host_per_unit = np.zeros(sum(self.units), dtype=np.int64)
         self._host_out = np.zeros(2 * len(self.shapes))
         self._host_totals = np.array([self.units, [math.prod(s) for s in self.shapes]], dtype=np.float64)
+        self._unit_starts = np.cumsum([0, *self.units[:-1]]) if min(self.units, default=0) > 0 else None
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -617,17 +633,18 @@ class ActivationStats:
         return self._out[device]
 
     def pending(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]], combine: Callable | None = None
-                ) -> tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray], torch.Tensor]:
-        """(values, finish, fired): this step's counts, what makes them the rows (dead_fraction,
-        zero_fraction) flattened in layer order on the host, and `fired`. `outputs` and `combine`
+                ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray], torch.Tensor]:
+        """(values, finish, fired): this step's counts (a device tensor, or the CPU kernels' numpy
+        array), what makes them the rows (dead_fraction, zero_fraction) flattened in layer order
+        on the host, and `fired`. `outputs` and `combine`
         as in `__call__`; the values are valid until the next call."""
         tensors = [o if isinstance(o, torch.Tensor) else unit_view(o) for o in outputs]
         addresses = None if combine is not None else _host_addresses(tensors, self._given)
         if addresses is None:
             counts, fired = self.counts(tensors, combine)
             return counts, self.finish, fired
-        _kernels.unit_counts(addresses, self._host_shapes, self._host_per_unit, self._host_out)
-        return torch.from_numpy(self._host_out), self._finish_in_order, torch.from_numpy(self._host_per_unit > 0)
+        _host_kernels().unit_counts(addresses, self._host_shapes, self._host_per_unit, self._host_out)
+        return self._host_out, self._finish_in_order, torch.from_numpy(self._host_per_unit > 0)
 
     def _finish_in_order(self, counts: np.ndarray) -> np.ndarray:
         """The CPU kernels' counts (layer order) -> the rows flattened."""
@@ -677,7 +694,7 @@ class ActivationStats:
         as in `counts`."""
         values, finish, fired = self.pending(outputs, combine)
         if finish == self._finish_in_order:  # the CPU kernels' counts
-            return torch.from_numpy(finish(values.numpy()).reshape(-1, 2)), fired
+            return torch.from_numpy(finish(values).reshape(-1, 2)), fired
         counts = values
         order, _, totals = self._constants(counts.device)
         if self._copies != 1:
@@ -688,6 +705,10 @@ class ActivationStats:
     def epoch_dead_fraction(self, fired_in_epoch: torch.Tensor) -> torch.Tensor:
         """Per layer, the share of units that never fired in the steps OR-ed into `fired_in_epoch`."""
         flat = fired_in_epoch.reshape(-1)
+        if flat.is_cpu and self._unit_starts is not None and flat.numel() == self._host_per_unit.size:
+            # numpy: a few microseconds, where each small torch operation costs 10-30 in a step.
+            units = self._host_totals[0]
+            return torch.from_numpy((units - np.add.reduceat(flat.numpy(), self._unit_starts, dtype=np.int64)) / units)
         if len(set(self.units)) == 1:
             units = self.units[0]
             return (units - flat.reshape(-1, units).sum(dim=1)).double() / units
