@@ -242,8 +242,6 @@ class GradientTelemetry(pl.Callback):
             names, values = self._step_names(), self._transfer()
             self.recorder.add(names, values)
             self._check_finite(trainer, step, values[: len(self._grad_tags)])
-        if named:
-            self._kept = self._update.before(self._params)  # a copy, read under no_grad: no detach needed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._step is not None:
@@ -318,8 +316,10 @@ class GradientTelemetry(pl.Callback):
                 self._update_tags = tuple(tags.update(n) for n in key)
             self._grad_list = named
             self._params = [p for _, p in named]
-        # Per-parameter rows, then the global norm.
-        self._pending.append(self._grad_stats.pending(self._grads))
+        self._kept = self._update.before(self._params)  # a copy, read under no_grad: no detach needed
+        # Per-parameter rows, then the global norm. Weights the CPU kernels took (kept in numpy)
+        # vouch for their gradients' dtype, device and size: autograd keeps them those of the weight.
+        self._pending.append(self._grad_stats.pending(self._grads, checked=isinstance(self._kept, np.ndarray)))
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:

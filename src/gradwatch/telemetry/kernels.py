@@ -159,7 +159,7 @@ if numba is not None:
         for s in range(samples):
             row = x[s * units : (s + 1) * units]
             for u in range(units):
-                counts[u] += row[u] > 0
+                counts[u] += np.int32(row[u] > 0)  # int32 lanes: twice as many per instruction
 
     @_kernel
     def _count_blocks(x, samples, units, positions, counts):
@@ -167,9 +167,9 @@ if numba is not None:
         for s in range(samples):
             for u in range(units):
                 block = x[(s * units + u) * positions : (s * units + u + 1) * positions]
-                fired = 0
+                fired = np.int32(0)
                 for p in range(positions):
-                    fired += block[p] > 0
+                    fired += np.int32(block[p] > 0)
                 counts[u] += fired
 
     @_kernel
@@ -219,6 +219,6 @@ def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np
 
 
 def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, out: np.ndarray) -> None:
-    """`ActivationStats`: per-unit counts of outputs > 0 (int64, all layers' units end to end),
+    """`ActivationStats`: per-unit counts of outputs > 0 (int32, all layers' units end to end),
     and per layer (fired units, outputs > 0) into `out` (2 * layers, float64)."""
     _unit_counts(addresses, shapes, per_unit, out)

@@ -347,13 +347,21 @@ class GradientStats:
         self._host_tops = np.zeros(len(self.sizes), dtype=np.int32)
         self._host_out = np.zeros(len(self.sizes) * len(GRAD_STATS) + 1)
 
-    def pending(self, grads: Sequence[torch.Tensor]
+    def pending(self, grads: Sequence[torch.Tensor], checked: bool = False
                 ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]:
         """This step's numbers, on the device (a tensor) or already on the host (the CPU
         kernels' numpy array), and what finishes them on the host: the rows of `__call__`
         flattened, then the global norm, once `finish` (None: nothing to do) has had them.
-        Valid until the next call."""
-        addresses = None if self._host_sizes is None else _host_addresses(grads, self.sizes)
+        Valid until the next call. `checked`: the gradients of float32 CPU parameters of these
+        sizes (autograd keeps a gradient's dtype, device and size those of its parameter), so
+        only their layout is checked here."""
+        addresses = None
+        if self._host_sizes is not None:
+            if checked and _host_kernels() is not None and len(grads) == len(self.sizes):
+                if all(map(torch.Tensor.is_contiguous, grads)):
+                    addresses = np.fromiter(map(torch.Tensor.data_ptr, grads), dtype=np.int64, count=len(grads))
+            else:
+                addresses = _host_addresses(grads, self.sizes)
         if addresses is None:
             return self.sums(grads), self.finish
         _host_kernels().gradient_rows(addresses, self._host_sizes, self._host_tops, self._host_out)
@@ -460,7 +468,7 @@ class UpdateRatio:
     @torch.no_grad()
     def before(self, params: Sequence[torch.Tensor]) -> torch.Tensor | np.ndarray:
         """The weights kept for `pending`/`__call__` after the step."""
-        addresses = self._host_params = _host_addresses(params, self.stacker.sizes)
+        addresses = self._param_addresses(params)
         if addresses is not None:
             if self._host_kept is None:
                 self._host_kept = np.zeros(int(self._host_sizes.sum()), dtype=np.float32)
@@ -469,17 +477,23 @@ class UpdateRatio:
         self.stacker.stacks(params, dtype=torch.float64, row=0)
         return self.stacker.buffer(params[0].device, torch.float64)[0]
 
+    def _param_addresses(self, params: Sequence[torch.Tensor]) -> np.ndarray | None:
+        """The weights' addresses for the CPU kernels, or None. Weights at the addresses last
+        checked (the same tensors: an optimizer steps in place) are not checked again: their
+        dtype, device and size stay with their storage."""
+        if _host_kernels() is not None and self._host_params is not None and len(params) == len(self._host_params):
+            addresses = np.fromiter(map(torch.Tensor.data_ptr, params), dtype=np.int64, count=len(params))
+            if np.array_equal(addresses, self._host_params):
+                return addresses
+        self._host_params = _host_addresses(params, self.stacker.sizes)
+        return self._host_params
+
     def pending(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]
                 ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]:
         """The step's numbers (a device tensor, or the CPU kernels' ratios in a numpy array) and
         what finishes them on the host (None: nothing to do); valid until the next call."""
         if isinstance(kept, np.ndarray):  # kept by the CPU kernels
-            # The same tensors in the same places as at `before` (the optimizer steps in place),
-            # or checked again.
-            addresses = np.fromiter(map(torch.Tensor.data_ptr, params), dtype=np.int64, count=len(params)) \
-                if len(params) == len(self._host_sizes) else None
-            if addresses is None or not np.array_equal(addresses, self._host_params):
-                addresses = _host_addresses(params, self.stacker.sizes)
+            addresses = self._param_addresses(params)
             if addresses is None:  # the weights left the CPU or float32 during the step
                 self._host_ratio[:] = math.nan
             else:
@@ -573,7 +587,10 @@ class ActivationStats:
         # The CPU kernels' shapes, per-unit counts and (fired units, outputs > 0), in layer order.
         self._given = [torch.Size(s) for s in shapes]
         self._host_shapes = np.asarray(self.shapes, dtype=np.int64).reshape(-1, 3)
-        self._host_per_unit = np.zeros(sum(self.units), dtype=np.int64)
+        # int32 counts (twice the lanes of int64): a unit's outputs in a step are fewer than 2**31.
+        self._host_per_unit = np.zeros(sum(self.units), dtype=np.int32)
+        if any(samples * positions >= 2**31 for samples, _, positions in self.shapes):
+            self._given = []  # not for the kernels
         self._host_out = np.zeros(2 * len(self.shapes))
         self._host_totals = np.array([self.units, [math.prod(s) for s in self.shapes]], dtype=np.float64)
         self._unit_starts = np.cumsum([0, *self.units[:-1]]) if min(self.units, default=0) > 0 else None
