@@ -4,9 +4,10 @@ On a CPU the statistics are memory-bound: each torch operation reads (and often 
 gradient, and a step's telemetry took ~15 such passes plus a copy of every gradient into one
 stack. These kernels (numba, compiled on first use and cached on disk) read each float32 tensor
 where it lies, through its address, and keep every sum in float64 registers: the gradients'
-rows take two passes (the second for the centred sum of squares, while the tensor is still in
-cache), the update ratio one pass before the step and one after, the dead units one pass over the
-ReLU outputs (`scripts/bench_telemetry.py` measures them against the torch path).
+rows take one pass from memory (the variance is two-pass per chunk of 2048 values, while they
+are in L1, and the chunks are merged by Chan et al.'s update), the update ratio one pass before
+the step and one after, the dead units one pass over the ReLU outputs
+(`scripts/bench_telemetry.py` measures them against the torch path).
 
 Exact at any float32 magnitude, like the torch path: a float32 value squared in float64 neither
 overflows nor underflows (float32 spans 1.4e-45 to 3.4e38; float64 normal numbers 2.2e-308 to
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; torch operation
 _FLAGS = {"reassoc", "contract"}
 _MAGNITUDE = np.int32(0x7FFFFFFF)  # all bits but the sign
 _INFINITY = np.int32(0x7F800000)  # the bit pattern of +inf; NaNs lie above it
+_CHUNK = 2048  # values a gradient's variance takes in two passes while they sit in L1 (8 KiB)
 
 
 def available() -> bool:
@@ -65,7 +67,8 @@ if numba is not None:
 
     @_kernel
     def _row_sums(address, n):
-        """sum, sum of squares (float64), the largest magnitude's bits, zeros, non-finite values."""
+        """sum, sum of squares (float64), the sum of squares about the mean (for the variance),
+        the largest magnitude's bits, zeros and non-finite values, in one pass from memory."""
         x = _float32_at(address, n)
         bits = x.view(np.int32)
         total = 0.0
@@ -73,24 +76,31 @@ if numba is not None:
         top = np.int32(0)
         zeros = 0
         nonfinite = 0
-        for i in range(n):
-            value = np.float64(x[i])
-            total += value
-            squares += value * value
-            magnitude = bits[i] & _MAGNITUDE
-            top = max(top, magnitude)
-            zeros += magnitude == 0
-            nonfinite += magnitude >= _INFINITY
-        return total, squares, top, zeros, nonfinite
-
-    @_kernel
-    def _centred_squares(address, n, mean):
-        x = _float32_at(address, n)
-        centred = 0.0
-        for i in range(n):
-            deviation = np.float64(x[i]) - mean
-            centred += deviation * deviation
-        return centred
+        mean = 0.0  # of the chunks so far
+        centred = 0.0  # their sum of squares about it
+        for start in range(0, n, _CHUNK):
+            stop = min(start + _CHUNK, n)
+            chunk_total = 0.0
+            for i in range(start, stop):
+                value = np.float64(x[i])
+                chunk_total += value
+                squares += value * value
+                magnitude = bits[i] & _MAGNITUDE
+                top = max(top, magnitude)
+                zeros += magnitude == 0
+                nonfinite += magnitude >= _INFINITY
+            size = stop - start
+            chunk_mean = chunk_total / size
+            chunk_centred = 0.0
+            for i in range(start, stop):  # again, from L1: two-pass variance of the chunk
+                deviation = np.float64(x[i]) - chunk_mean
+                chunk_centred += deviation * deviation
+            # Chan et al.'s update: the chunk merged into the chunks before it.
+            delta = chunk_mean - mean
+            mean += delta * size / stop
+            centred += chunk_centred + delta * delta * start * size / stop
+            total += chunk_total
+        return total, squares, centred, top, zeros, nonfinite
 
     @_kernel
     def _gradient_rows(addresses, sizes, tops, out):
@@ -101,12 +111,10 @@ if numba is not None:
         magnitudes = tops.view(np.float32)
         for r in range(addresses.shape[0]):
             n = sizes[r]
-            total, squares, top, zeros, nonfinite = _row_sums(addresses[r], n)
-            mean = total / n
-            centred = _centred_squares(addresses[r], n, mean)  # the tensor is still in cache
+            total, squares, centred, top, zeros, nonfinite = _row_sums(addresses[r], n)
             tops[r] = top
             row = out[6 * r : 6 * r + 6]
-            row[0] = mean
+            row[0] = total / n
             row[1] = math.sqrt(centred / (n - 1)) if n > 1 else 0.0
             row[2] = zeros / n
             row[3] = math.sqrt(squares)
