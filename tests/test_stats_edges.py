@@ -69,6 +69,23 @@ def test_linear_model_on_inputs_of_extreme_scale():
         assert math.isfinite(row[STATS.index("norm")]) and row[STATS.index("norm")] >= row[STATS.index("abs_max")]
 
 
+@pytest.mark.usefixtures("path")
+def test_std_of_a_large_mean_and_across_chunks_equals_float64():
+    # A mean 1e7 times the spread (where a one-pass sum of squares loses every digit), sizes
+    # around the kernels' 2048-value chunks, one value, and inf or NaN first.
+    torch.manual_seed(5)
+    grads = [1e4 + 1e-3 * torch.randn(100_003), torch.randn(2047), torch.randn(2048) - 7, torch.randn(2049),
+             torch.randn(6149) * 1e-30 + 1e-29, torch.tensor([3.0]), torch.full((4097,), 0.1)]
+    table = gradient_stats(grads)
+    for i, grad in enumerate(grads):
+        assert table[i].tolist() == pytest.approx(reference(grad), rel=1e-5, abs=0), i
+    assert table[len(grads) - 1, STATS.index("std")] == 0.0  # a constant: exactly 0
+    for first in (float("inf"), float("nan")):
+        grad = torch.cat([torch.tensor([first]), torch.randn(5000)])
+        row = gradient_stats([grad])[0].tolist()
+        assert row[STATS.index("nonfinite")] == 1 and (row[0] == first or math.isnan(first) and math.isnan(row[0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_gradients_widen_exactly(dtype):
     torch.manual_seed(2)

@@ -258,14 +258,15 @@ class _GroupViews:
         self.sums = work.sums[:, rows]
         self.total = work.rest[0, rows]
         self.abs_max = work.rest[1, rows]
+        self.centred_total = work.rest[3, rows]
 
 
 class _Work:
     """`GradientStats`' buffers on one device for one dtype, and views of them, made once.
 
-    `raw` (7, rows) holds per row, in grouped order: the centred sum of squares, the sum of
+    `raw` (8, rows) holds per row, in grouped order: the centred sum of squares, the sum of
     squares, the non-finite and non-zero counts, the sum (all of the row scaled into [1, 2)),
-    abs_max and the scale. float32 sums of 0/1 values are exact integers below 2**24 elements
+    abs_max, the scale and the centred sum. float32 sums of 0/1 values are exact integers below 2**24 elements
     (see _count_dtype); a larger group, or float64 gradients, make every sum float64."""
 
     def __init__(self, stacker: SizeGroups, device: torch.device, dtype: torch.dtype):
@@ -274,14 +275,14 @@ class _Work:
         rows = len(stacker.sizes)
         wide = dtype == torch.float64 or max(stacker.widths) >= 2**24
         self.sum_dtype = torch.float64 if wide else dtype
-        # sums: rows 0-3 of `raw`; rest (sum, abs_max, scale): rows 4-6, in the gradients' dtype.
+        # sums: rows 0-3 of `raw`; rest (sum, abs_max, scale, centred sum): rows 4-7, in the gradients' dtype.
         if self.sum_dtype == dtype:
-            self.raw = torch.zeros(7, rows, dtype=dtype, device=device)
+            self.raw = torch.zeros(8, rows, dtype=dtype, device=device)
             self.sums, self.rest = self.raw[:4], self.raw[4:]
         else:  # raw is their concatenation, made by `GradientStats.sums`
             self.raw = None
             self.sums = torch.zeros(4, rows, dtype=self.sum_dtype, device=device)
-            self.rest = torch.zeros(3, rows, dtype=dtype, device=device)
+            self.rest = torch.zeros(4, rows, dtype=dtype, device=device)
         self.inverse, self.mean = torch.zeros(2, rows, dtype=dtype, device=device)
         self.n = torch.tensor(stacker.row_sizes, dtype=dtype, device=device)
         int_dtype, self.exponent_mask, low, high = _EXPONENT[dtype]
@@ -304,9 +305,12 @@ class _Work:
 def _finish_gradient_rows(raw, n, root, order, xp):
     """The rows (mean, std, zero_fraction, norm, abs_max, nonfinite) in input order and the global
     norm, from `_Work.raw` as float64; `xp` is numpy (on the host) or torch (on the device)."""
-    centred_squares, squares, nonfinite, nonzero, total, abs_max, scale = raw
+    centred_squares, squares, nonfinite, nonzero, total, abs_max, scale, centred_total = raw
     mean = total * scale / n
-    std = xp.sqrt(centred_squares) * scale / root  # a one-element row: centred sum 0, root 1
+    # The corrected two-pass variance: minus (sum of x - mean)**2 / n, the first-order error of a
+    # float32 mean (a mean 1e7 times the spread needs it for 1e-5).
+    centred = (centred_squares - centred_total * centred_total / n).clip(0.0)
+    std = xp.sqrt(centred) * scale / root  # a one-element row: centred sum 0, root 1
     # The float32 sum of squares holds abs_max**2 as one of its terms: its root is >= abs_max
     # but for the last bit; keep the inequality exact.
     norm = xp.maximum(xp.sqrt(squares) * scale, abs_max)
@@ -388,13 +392,13 @@ class GradientStats:
     def finish(self, raw: np.ndarray) -> np.ndarray:
         """`sums` on the host (any float dtype) -> the rows of `__call__` flattened, then the
         global norm (float64)."""
-        raw = np.asarray(raw, dtype=np.float64).reshape(7, -1)
+        raw = np.asarray(raw, dtype=np.float64).reshape(8, -1)
         table, global_norm = _finish_gradient_rows(raw, self._n, self._root, self._order, np)
         return np.append(table.reshape(-1), global_norm)
 
     @torch.no_grad()
     def sums(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The (7, rows) raw sums of `_Work` on the gradients' device; valid until the next call."""
+        """The (8, rows) raw sums of `_Work` on the gradients' device; valid until the next call."""
         self.stacker.stacks(grads)
         w = self._work(grads[0].device, torch.float64 if any(g.dtype == torch.float64 for g in grads)
                        else torch.float32)
@@ -414,6 +418,7 @@ class GradientStats:
             torch.sub(g.x, g.mean, out=g.centred)
             if g.mask is not None:
                 g.centred.mul_(g.mask)  # padding is not a sample
+            torch.sum(g.centred, dim=1, out=g.centred_total)
         work[0].square_()
         torch.mul(x, x, out=work[1])
         torch.sub(x, x, out=work[2])  # 0 for a finite x, NaN for inf and NaN
