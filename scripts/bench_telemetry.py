@@ -9,7 +9,10 @@ Variants:
   logger=TensorBoardLogger(...))`, against the same Trainer without the callback;
 - naive (`--naive`): a Python loop over parameters with `.item()` per statistic, handed to the
   pipeline's recorder (the pipeline runs Lightning with `logger=False`, so `self.log` would
-  write nowhere).
+  write nowhere);
+- torch ops (`--torch-ops`): the pipeline with the statistics as torch operations
+  (`stats.HOST_KERNELS = False`), the path GPUs and half precision take, instead of the fused
+  CPU kernels.
 Method (the machine is shared, so timings are noisy and only ever get longer):
 - per run, the process CPU time (`time.process_time`, all threads) from the start of step
   `WARMUP` to the end of training, divided by the steps: every step's cost, flushes to
@@ -25,9 +28,10 @@ Method (the machine is shared, so timings are noisy and only ever get longer):
 - wall-clock ratios are printed beside for reference.
 One torch thread: on a 2-core machine shared with other work, two OpenMP threads make the same
 fit vary 10x. Also times the TensorBoard event writers alone (tensorboard's SummaryWriter
-against gradwatch.storage.events.EventFile).
+against gradwatch.storage.events.EventFile), and the statistics alone on each model's tensors
+outside a training step (warm caches): the fused CPU kernels against torch operations.
 
-    OMP_NUM_THREADS=1 python scripts/bench_telemetry.py [--quick] [--naive]
+    OMP_NUM_THREADS=1 python scripts/bench_telemetry.py [--quick] [--naive] [--torch-ops]
 """
 
 import os
@@ -51,6 +55,7 @@ from torch import nn  # noqa: E402
 from gradwatch.api import train  # noqa: E402
 from gradwatch.storage.events import EventFile  # noqa: E402
 from gradwatch.storage.record import read_run  # noqa: E402
+from gradwatch.telemetry import stats  # noqa: E402
 
 HIDDEN = {
     "MLP 2-[256]x3-1": [256] * 3,
@@ -115,11 +120,13 @@ def pipeline_times(model: str, optimizer: str, variant: str, steps: int, folder:
         "off": ["telemetry=off"],
         "on": ["telemetry.every_n_steps=1"],
         "naive": [f"telemetry._target_={__name__}.NaiveTelemetry", "telemetry.every_n_steps=1"],
+        "torch ops": ["telemetry.every_n_steps=1"],
     }[variant]
     hidden = "model.hidden=[" + ",".join(map(str, HIDDEN[model])) + "]"
     run_dir = Path(tempfile.mkdtemp(dir=folder))
     lr = OPTIMIZERS[optimizer][1]
     SPANS.clear()
+    stats.HOST_KERNELS = variant != "torch ops"
     with contextlib.redirect_stdout(io.StringIO()):
         train([*COMMON, hidden, f"optimizer={optimizer}", f"optimizer.lr={lr}", *overrides,
                f"trainer.max_steps={steps}", f"trainer._target_={__name__}.TimedTrainer"], run_dir)
@@ -173,16 +180,15 @@ def own_project_times(model: str, optimizer: str, variant: str, steps: int, fold
     return per_step()
 
 
-def bench_models(steps: int, repeats: int, naive: bool, folder: Path, models: list[str], optimizers: list[str]) -> None:
+def bench_models(steps: int, repeats: int, extra: list[str], folder: Path, models: list[str],
+                 optimizers: list[str]) -> None:
     print(f"\nper step, fastest of {repeats} interleaved runs of {steps} steps (first {WARMUP} left out); "
           "ratio: median over the repeats against the neighbouring telemetry-off run of the same harness")
     print(f"{'model':20s} {'optimizer':9s} {'variant':16s} {'CPU ms':>8s} {'ratio':>7s} {'wall ms':>8s} {'ratio':>7s}")
     harnesses = {"pipeline": pipeline_times, "own project": own_project_times}
     for model in models:
         for optimizer in optimizers:
-            cases = [(h, v) for h in harnesses for v in ("off", "on")]
-            if naive:
-                cases.append(("pipeline", "naive"))
+            cases = [(h, v) for h in harnesses for v in ("off", "on")] + [("pipeline", v) for v in extra]
             times: dict[tuple, list[tuple[float, float]]] = {c: [] for c in cases}
             for repeat in range(repeats):
                 for case in (cases if repeat % 2 == 0 else cases[::-1]):
@@ -194,6 +200,39 @@ def bench_models(steps: int, repeats: int, naive: bool, folder: Path, models: li
                 cpu, wall = min(t[0] for t in runs), min(t[1] for t in runs)
                 print(f"{model:20s} {optimizer:9s} {harness + ' ' + variant:16s} {cpu * 1e3:8.3f} "
                       f"{cpu_ratio:6.3f}x {wall * 1e3:8.3f} {wall_ratio:6.3f}x", flush=True)
+
+
+def bench_statistics(model: str, calls: int) -> None:
+    """The statistics of one step alone (gradients, update ratio, dead units) on the model's
+    tensors, outside a training step: the fused CPU kernels against torch operations."""
+    torch.manual_seed(0)
+    net = OwnModule(HIDDEN[model], "sgd").net
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in net if isinstance(m, nn.ReLU)]
+    x = torch.rand(256, 2)
+    net(x).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    params = list(net.parameters())
+    grads = [p.grad for p in params]
+    times = {}
+    for kernels in (True, False):
+        stats.HOST_KERNELS = kernels
+        gradient = stats.GradientStats([p.numel() for p in params])
+        update = stats.UpdateRatio([p.numel() for p in params])
+        activation = stats.ActivationStats([tuple(o.shape) for o in outputs])
+
+        for repeat in range(calls + 1):
+            if repeat == 1:  # the first compiles, or loads the compiled kernels
+                started = time.process_time()
+            kept = update.before(params)
+            gradient.pending(grads)
+            activation.pending(outputs)
+            update.pending(kept, params)
+        times[kernels] = (time.process_time() - started) / calls
+    stats.HOST_KERNELS = True
+    print(f"statistics alone, {model:18s}: torch ops {times[False] * 1e6:7.1f} us, "
+          f"kernels {times[True] * 1e6:7.1f} us, ratio {times[False] / times[True]:5.1f}x", flush=True)
 
 
 def bench_writers(n_scalars: int, events: int, folder: Path) -> None:
@@ -226,6 +265,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and one repeat")
     parser.add_argument("--naive", action="store_true", help="also time the naive .item()/self.log logger")
+    parser.add_argument("--torch-ops", action="store_true", help="also time the pipeline with the statistics as "
+                        "torch operations (the GPU path) instead of the CPU kernels")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 300)")
     parser.add_argument("--model", choices=["all", "mlp", "deep"], default="all")
     parser.add_argument("--optimizer", choices=["all", *OPTIMIZERS], default="all")
@@ -242,8 +283,11 @@ def main() -> None:
             bench_writers(n, 200 if args.quick else 1000, Path(tmp))
         steps = args.steps or (60 if args.quick else 300)
         models = [m for m, key in zip(HIDDEN, ("mlp", "deep"), strict=True) if args.model in ("all", key)]
+        for model in models:
+            bench_statistics(model, 50 if args.quick else 300)
         optimizers = [o for o in OPTIMIZERS if args.optimizer in ("all", o)]
-        bench_models(steps, args.repeats or (1 if args.quick else 5), args.naive, Path(tmp), models, optimizers)
+        extra = ["naive"] * args.naive + ["torch ops"] * args.torch_ops
+        bench_models(steps, args.repeats or (1 if args.quick else 5), extra, Path(tmp), models, optimizers)
 
 
 if __name__ == "__main__":

@@ -83,9 +83,12 @@ class GradientTelemetry(pl.Callback):
     is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a
     channel. When logging every N > 1 steps the taps exist only on the steps that log. The
     numbers of a step stay on the device until its end and come to the host in one transfer,
-    where the per-row arithmetic is done. To keep a step's cost to a few dozen tensor operations
-    it keeps buffers across steps: about 11 float32 copies of the parameters (gradient stacks and
-    work rows, float64 weights before and after) and one copy of the ReLU outputs.
+    where the per-row arithmetic is done; float32 CPU tensors go through fused kernels
+    (`telemetry.kernels`) that read them in place and leave the numbers on the host. Buffers kept
+    across steps: on a CPU with float32 weights, one float32 copy of the weights (the update
+    ratio); elsewhere (GPU, half precision), to keep a step to a few dozen tensor operations,
+    about 11 float32 copies of the parameters (gradient stacks and work rows, float64 weights
+    before and after) and one copy of the ReLU outputs.
 
     Example, in your own project (the callback writes into the logger's folder)::
 
