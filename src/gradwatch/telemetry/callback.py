@@ -275,7 +275,8 @@ class GradientTelemetry(pl.Callback):
 
     def state_dict(self) -> dict:
         # The units that fired so far this epoch, so a mid-epoch resume counts the whole epoch.
-        return {"fired_epoch": None if self._fired_epoch is None else self._fired_epoch.cpu()}
+        # A copy: on a CPU the mask is OR-ed in place at the next step.
+        return {"fired_epoch": None if self._fired_epoch is None else self._fired_epoch.to("cpu", copy=True)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._fired_epoch = state_dict.get("fired_epoch")
@@ -336,22 +337,25 @@ class GradientTelemetry(pl.Callback):
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
             self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, present
         stats, act_tags, present = self._act_stats[key]
-        values, finish, fired = stats.pending(outputs, combine_unit_counts if world()[1] > 1 else None)
+        # The units that fired earlier in this epoch, if any (None: a new epoch, or a checkpoint
+        # from another model); `pending` adds this step's.
+        earlier = self._fired_epoch
+        if earlier is not None and (self._epoch_layers not in (None, present)  # None: state from a checkpoint
+                                    or earlier.shape != (stats.unit_total,)):
+            earlier = None
+        values, finish, self._fired_epoch = stats.pending(outputs, combine_unit_counts if world()[1] > 1 else None,
+                                                          earlier)
         self._pending.append((values, finish))
         self._pending_tags.append(act_tags)
-        resumed_or_same = self._epoch_layers in (None, present)  # None: state from a checkpoint
-        if self._fired_epoch is not None and resumed_or_same and self._fired_epoch.shape == fired.shape:
-            self._fired_epoch = self._fired_epoch.to(fired.device) | fired
-        else:
-            self._fired_epoch = fired  # a new epoch, or a checkpoint from another model
         self._epoch_layers, self._epoch_stats = present, stats
 
     def _add_epoch_dead_fraction(self) -> None:
         fired, self._fired_epoch = self._fired_epoch, None
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
             return
-        never_fired = self._epoch_stats.epoch_dead_fraction(fired)
-        self._pending.append((never_fired.numpy() if never_fired.is_cpu else never_fired, None))
+        never_fired = self._epoch_stats.epoch_pending(fired)
+        self._pending.append((never_fired.numpy() if isinstance(never_fired, torch.Tensor) and never_fired.is_cpu
+                              else never_fired, None))
         key = tuple(self._epoch_layers)
         epoch_tags = self._epoch_tags.get(key)
         if epoch_tags is None:  # one tuple object per set of layers: the names caches key by identity
@@ -379,8 +383,9 @@ class GradientTelemetry(pl.Callback):
         if not pending:
             return np.empty(0)
         tensors = [values.reshape(-1) for values, _ in pending if isinstance(values, torch.Tensor)]
-        if tensors:
-            host = (torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
+        if not tensors:  # all on the host already (the CPU kernels)
+            return np.concatenate([values if finish is None else finish(values) for values, finish in pending])
+        host = (torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
         parts, start = [], 0
         for values, finish in pending:
             if isinstance(values, torch.Tensor):
@@ -390,7 +395,7 @@ class GradientTelemetry(pl.Callback):
         return np.concatenate(parts).astype(np.float64, copy=False)  # a new array: never a view of a buffer
 
     def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
-        counts = grad_values[:-1].reshape(len(self._named), len(tags.GRAD_STATS))[:, _NONFINITE]
+        counts = grad_values[_NONFINITE:-1:len(tags.GRAD_STATS)]  # the rows' nonfinite column
         if not counts.any():
             return
         bad = [name for (name, _), count in zip(self._named, counts, strict=True) if count > 0]

@@ -221,14 +221,15 @@ if numba is not None:
                 counts[u] += fired
 
     @_kernel
-    def _unit_counts(addresses, shapes, per_unit, out):
+    def _unit_counts(addresses, shapes, per_unit, fired, out):
         """For each float32 layer output at addresses[l], of shape (samples, units, positions) =
         shapes[l]: per_unit[...] = how many of each unit's outputs are > 0 (its units end to
-        end), out[l] = the units that fired, out[layers + l] = the outputs > 0. A ReLU's output
-        is >= 0 or NaN: > 0 is non-zero, and NaN counts as not firing."""
-        layers = addresses.shape[0]
+        end), fired[...] |= that count > 0 (the units that fired so far in an epoch), and
+        out[2 * l], out[2 * l + 1] = the layer's dead fraction (units that never fired) and zero
+        fraction (outputs that are 0). A ReLU's output is >= 0 or NaN: > 0 is non-zero, and NaN
+        counts as not firing."""
         start = 0
-        for layer in range(layers):
+        for layer in range(addresses.shape[0]):
             samples, units, positions = shapes[layer, 0], shapes[layer, 1], shapes[layer, 2]
             x = _float32_at(addresses[layer], samples * units * positions)
             counts = per_unit[start : start + units]
@@ -240,11 +241,25 @@ if numba is not None:
             fired_units = 0
             nonzero = 0
             for u in range(units):
-                fired_units += counts[u] > 0
-                nonzero += counts[u]
-            out[layer] = fired_units
-            out[layers + layer] = nonzero
+                count = counts[u]
+                fired_units += count > 0
+                nonzero += count
+                fired[start + u] |= count > 0
+            outputs = samples * units * positions
+            out[2 * layer] = (units - fired_units) / units
+            out[2 * layer + 1] = (outputs - nonzero) / outputs
             start += units
+
+    @_kernel
+    def _never_fired(fired, units, out):
+        """out[l] = the share of layer l's units (units[l] of them, end to end in `fired`) that never fired."""
+        start = 0
+        for layer in range(units.shape[0]):
+            never = 0
+            for u in range(start, start + units[layer]):
+                never += not fired[u]
+            out[layer] = never / units[layer]
+            start += units[layer]
 
 
 def gradient_rows(addresses: np.ndarray, sizes: np.ndarray, tops: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -266,7 +281,16 @@ def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np
     _moved(addresses, sizes, kept, before, out)
 
 
-def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, out: np.ndarray) -> None:
-    """`ActivationStats`: per-unit counts of outputs > 0 (int32, all layers' units end to end),
-    and per layer (fired units, outputs > 0) into `out` (2 * layers, float64)."""
-    _unit_counts(addresses, shapes, per_unit, out)
+def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, fired: np.ndarray,
+                out: np.ndarray) -> None:
+    """`ActivationStats`: per-unit counts of outputs > 0 (int32 scratch, all layers' units end to
+    end), OR-ed into `fired` (bool, the same units), and per layer (dead_fraction, zero_fraction)
+    into `out` (2 * layers, float64)."""
+    _unit_counts(addresses, shapes, per_unit, fired, out)
+
+
+def never_fired(fired: np.ndarray, units: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`ActivationStats.epoch_dead_fraction`: per layer, the share of its `units` (int64) that
+    `fired` (bool, the layers' units end to end) never marked, into `out` (float64)."""
+    _never_fired(fired, units, out)
+    return out

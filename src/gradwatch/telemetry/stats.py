@@ -467,6 +467,7 @@ class UpdateRatio:
         self._host_sizes = np.asarray(sizes, dtype=np.int64)
         self._host_kept: np.ndarray | None = None
         self._host_params: np.ndarray | None = None  # their addresses at `before`
+        self._host_list: list[int] | None = None  # the same, as a list
         self._host_before = np.zeros(len(self._host_sizes))
         self._host_ratio = np.zeros(len(self._host_sizes))
 
@@ -485,12 +486,13 @@ class UpdateRatio:
     def _param_addresses(self, params: Sequence[torch.Tensor]) -> np.ndarray | None:
         """The weights' addresses for the CPU kernels, or None. Weights at the addresses last
         checked (the same tensors: an optimizer steps in place) are not checked again: their
-        dtype, device and size stay with their storage."""
-        if _host_kernels() is not None and self._host_params is not None and len(params) == len(self._host_params):
-            addresses = np.fromiter(map(torch.Tensor.data_ptr, params), dtype=np.int64, count=len(params))
-            if np.array_equal(addresses, self._host_params):
-                return addresses
+        dtype, device and size stay with their storage. Compared as a list of ints (one C
+        comparison; numpy's cost several calls, each ~10 us in a training step)."""
+        if self._host_params is not None and _host_kernels() is not None:
+            if list(map(torch.Tensor.data_ptr, params)) == self._host_list:
+                return self._host_params
         self._host_params = _host_addresses(params, self.stacker.sizes)
+        self._host_list = None if self._host_params is None else self._host_params.tolist()
         return self._host_params
 
     def pending(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]
@@ -589,16 +591,18 @@ class ActivationStats:
         self._buffers: dict = {}
         self._out: dict = {}
         self._copies = 1  # shards in the global batch (distributed runs: `combine`)
-        # The CPU kernels' shapes, per-unit counts and (fired units, outputs > 0), in layer order.
+        self.unit_total = sum(self.units)  # the length of `fired`
+        # The CPU kernels' shapes, per-unit counts, rows (dead_fraction, zero_fraction) in layer
+        # order, and epoch dead fractions.
         self._given = [torch.Size(s) for s in shapes]
         self._host_shapes = np.asarray(self.shapes, dtype=np.int64).reshape(-1, 3)
+        self._host_units = np.asarray(self.units, dtype=np.int64)
         # int32 counts (twice the lanes of int64): a unit's outputs in a step are fewer than 2**31.
-        self._host_per_unit = np.zeros(sum(self.units), dtype=np.int32)
-        if any(samples * positions >= 2**31 for samples, _, positions in self.shapes):
+        self._host_per_unit = np.zeros(self.unit_total, dtype=np.int32)
+        if min(self.units, default=0) == 0 or any(samples * positions >= 2**31 for samples, _, positions in self.shapes):
             self._given = []  # not for the kernels
         self._host_out = np.zeros(2 * len(self.shapes))
-        self._host_totals = np.array([self.units, [math.prod(s) for s in self.shapes]], dtype=np.float64)
-        self._unit_starts = np.cumsum([0, *self.units[:-1]]) if min(self.units, default=0) > 0 else None
+        self._host_epoch = np.zeros(len(self.shapes))
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -654,23 +658,26 @@ class ActivationStats:
             self._out[device] = out, [out[:, a:b] for a, b in zip(starts, starts[1:], strict=False)]
         return self._out[device]
 
-    def pending(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]], combine: Callable | None = None
-                ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray], torch.Tensor]:
-        """(values, finish, fired): this step's counts (a device tensor, or the CPU kernels' numpy
-        array), what makes them the rows (dead_fraction, zero_fraction) flattened in layer order
-        on the host, and `fired`. `outputs` and `combine`
-        as in `__call__`; the values are valid until the next call."""
+    def pending(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]], combine: Callable | None = None,
+                fired: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None, torch.Tensor]:
+        """(values, finish, fired): this step's numbers (a device tensor, or the CPU kernels'
+        finished rows in a numpy array), what makes them the rows (dead_fraction, zero_fraction)
+        flattened in layer order on the host (None: nothing to do), and the units that fired.
+        `outputs` and `combine` as in `__call__`; `fired`: the units that fired earlier in the
+        epoch (`unit_total` of them), included in the `fired` returned (on the CPU kernels' path
+        OR-ed in place, when it is a CPU bool vector). The values are valid until the next call."""
         tensors = [o if isinstance(o, torch.Tensor) else unit_view(o) for o in outputs]
         addresses = None if combine is not None else _host_addresses(tensors, self._given)
         if addresses is None:
-            counts, fired = self.counts(tensors, combine)
-            return counts, self.finish, fired
-        _host_kernels().unit_counts(addresses, self._host_shapes, self._host_per_unit, self._host_out)
-        return self._host_out, self._finish_in_order, torch.from_numpy(self._host_per_unit > 0)
-
-    def _finish_in_order(self, counts: np.ndarray) -> np.ndarray:
-        """The CPU kernels' counts (layer order) -> the rows flattened."""
-        return ((self._host_totals - counts.reshape(2, -1)) / self._host_totals).T.reshape(-1)
+            counts, now = self.counts(tensors, combine)
+            return counts, self.finish, now if fired is None else fired.to(now.device) | now
+        if fired is None:
+            fired = torch.zeros(self.unit_total, dtype=torch.bool)
+        elif fired.dtype != torch.bool or not fired.is_cpu or fired.shape != (self.unit_total,):
+            fired = fired.to("cpu", torch.bool).reshape(-1).clone()
+        _host_kernels().unit_counts(addresses, self._host_shapes, self._host_per_unit, fired.numpy(), self._host_out)
+        return self._host_out, None, fired
 
     @torch.no_grad()
     def counts(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]],
@@ -715,8 +722,8 @@ class ActivationStats:
         """`outputs`: per layer, its output, or the outputs of its calls in this step; `combine`
         as in `counts`."""
         values, finish, fired = self.pending(outputs, combine)
-        if finish == self._finish_in_order:  # the CPU kernels' counts
-            return torch.from_numpy(finish(values).reshape(-1, 2)), fired
+        if finish is None:  # the CPU kernels' rows
+            return torch.from_numpy(values.reshape(-1, 2).copy()), fired
         counts = values
         order, _, totals = self._constants(counts.device)
         if self._copies != 1:
@@ -724,18 +731,23 @@ class ActivationStats:
         rows = ((totals - counts) / totals).t()  # dead_fraction, zero_fraction
         return (rows if self._grouped_in_order else rows.index_select(0, order)), fired
 
-    def epoch_dead_fraction(self, fired_in_epoch: torch.Tensor) -> torch.Tensor:
-        """Per layer, the share of units that never fired in the steps OR-ed into `fired_in_epoch`."""
+    def epoch_pending(self, fired_in_epoch: torch.Tensor) -> torch.Tensor | np.ndarray:
+        """`epoch_dead_fraction`, as a numpy array (valid until the next call) where the CPU
+        kernels count a CPU bool vector."""
+        if (fired_in_epoch.dtype == torch.bool and fired_in_epoch.is_cpu and self._given
+                and fired_in_epoch.shape == (self.unit_total,) and _host_kernels() is not None):
+            return _host_kernels().never_fired(fired_in_epoch.numpy(), self._host_units, self._host_epoch)
         flat = fired_in_epoch.reshape(-1)
-        if flat.is_cpu and self._unit_starts is not None and flat.numel() == self._host_per_unit.size:
-            # numpy: a few microseconds, where each small torch operation costs 10-30 in a step.
-            units = self._host_totals[0]
-            return torch.from_numpy((units - np.add.reduceat(flat.numpy(), self._unit_starts, dtype=np.int64)) / units)
         if len(set(self.units)) == 1:
             units = self.units[0]
             return (units - flat.reshape(-1, units).sum(dim=1)).double() / units
         never = [(u - part.sum()).double() / u for u, part in zip(self.units, flat.split(self.units), strict=True)]
         return torch.stack(never)
+
+    def epoch_dead_fraction(self, fired_in_epoch: torch.Tensor) -> torch.Tensor:
+        """Per layer, the share of units that never fired in the steps OR-ed into `fired_in_epoch`."""
+        values = self.epoch_pending(fired_in_epoch)
+        return torch.from_numpy(values.copy()) if isinstance(values, np.ndarray) else values
 
 
 def activation_stats(outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
