@@ -599,7 +599,7 @@ class ActivationStats:
         self._host_units = np.asarray(self.units, dtype=np.int64)
         # int32 counts (twice the lanes of int64): a unit's outputs in a step are fewer than 2**31.
         self._host_per_unit = np.zeros(self.unit_total, dtype=np.int32)
-        if min(self.units, default=0) == 0 or any(samples * positions >= 2**31 for samples, _, positions in self.shapes):
+        if min(self.units, default=0) == 0 or any(s * p >= 2**31 for s, _, p in self.shapes):
             self._given = []  # not for the kernels
         self._host_out = np.zeros(2 * len(self.shapes))
         self._host_epoch = np.zeros(len(self.shapes))
