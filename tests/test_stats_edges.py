@@ -104,11 +104,14 @@ def test_nonfinite_counted_without_poisoning_the_rest():
     assert table[1].tolist() == pytest.approx(reference(torch.tensor([3.0, -4.0])))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.usefixtures("path")
 def test_activation_fractions_exact_in_half_precision(dtype):
     torch.manual_seed(3)
-    out = torch.relu(torch.randn(97, 211)).to(dtype)
+    out = torch.relu(torch.randn(97, 211)).to(dtype)  # 97 samples: not a multiple of the kernel's 4
     out[:, :13] = 0  # 13 dead units
+    out[-1, 13] = 1.0  # unit 13 fires in the last sample only
+    out[:-1, 13] = 0
     rows, fired = activation_stats([out])
     assert rows[0, 0].item() == 13 / 211
     assert rows[0, 1].item() == (out == 0).sum().item() / out.numel()

@@ -29,6 +29,8 @@ ON_NONFINITE = ("warn", "stop")
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
 _NONFINITE = tags.GRAD_STATS.index("nonfinite")
 _GRAD = operator.attrgetter("grad")
+_SHAPE = operator.attrgetter("shape")
+_FIRST = operator.itemgetter(0)
 
 
 def relu_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -133,6 +135,7 @@ class GradientTelemetry(pl.Callback):
         self._hooks: list = []
         self._layers: list[tuple[str, nn.Module]] = []
         self._calls: list[list[torch.Tensor]] = []
+        self._every_layer: tuple[int, ...] = ()
         self._step: int | None = None
         self._named: list[tuple[str, torch.Tensor]] = []
         # This step's numbers on the device, each with what turns it into values on the host.
@@ -189,6 +192,7 @@ class GradientTelemetry(pl.Callback):
         self._network_tensors = [p for _, p in self._network_params]
         self._layers = relu_layers(network) if self.activations else []
         self._calls = [[] for _ in self._layers]
+        self._every_layer = tuple(range(len(self._layers)))
         if self.every_n_steps == 1:
             self._add_hooks()  # every step logs: keep them for the whole fit
         # Written on every fit, resumes included: TensorBoard keeps the latest layout.
@@ -215,8 +219,7 @@ class GradientTelemetry(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._active = not self._disabled and trainer.global_step % self.every_n_steps == 0
-        for calls in self._calls:
-            calls.clear()
+        list(map(list.clear, self._calls))
         self._recording = self._active
         if self._active and self.every_n_steps > 1:
             self._add_hooks()
@@ -327,15 +330,18 @@ class GradientTelemetry(pl.Callback):
         self._pending_tags.append(self._grad_tags)
 
     def _add_activation_stats(self) -> None:
-        present = [i for i, calls in enumerate(self._calls) if calls]
-        # One call: its output as it is; several: concatenated (`unit_view`).
-        outputs = [calls[0] if len(calls) == 1 else unit_view(calls) for calls in self._calls if calls]
-        for calls in self._calls:
-            calls.clear()
-        key = (tuple(present), tuple(o.shape for o in outputs))
+        calls = self._calls
+        if list(map(len, calls)).count(1) == len(calls):  # every layer called once (C loops: ~49 layers)
+            present, outputs = self._every_layer, list(map(_FIRST, calls))
+        else:
+            present = tuple(i for i, made in enumerate(calls) if made)
+            # One call: its output as it is; several: concatenated (`unit_view`).
+            outputs = [made[0] if len(made) == 1 else unit_view(made) for made in calls if made]
+        list(map(list.clear, calls))
+        key = (present, tuple(map(_SHAPE, outputs)))
         if key not in self._act_stats:
             act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
-            self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, present
+            self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, list(present)
         stats, act_tags, present = self._act_stats[key]
         # The units that fired earlier in this epoch, if any (None: a new epoch, or a checkpoint
         # from another model); `pending` adds this step's.
@@ -343,8 +349,9 @@ class GradientTelemetry(pl.Callback):
         if earlier is not None and (self._epoch_layers not in (None, present)  # None: state from a checkpoint
                                     or earlier.shape != (stats.unit_total,)):
             earlier = None
+        # The outputs have the shapes `stats` was made for (the key): `checked`.
         values, finish, self._fired_epoch = stats.pending(outputs, combine_unit_counts if world()[1] > 1 else None,
-                                                          earlier)
+                                                          earlier, checked=True)
         self._pending.append((values, finish))
         self._pending_tags.append(act_tags)
         self._epoch_layers, self._epoch_stats = present, stats
