@@ -243,3 +243,60 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, pat
     assert step["act/net.late/dead_fraction"] == 1.0
     assert step["act/net.twice/dead_fraction"] == 1.0 and step["act/net.twice/zero_fraction"] == 1.0
     assert step["update/net.a.weight/ratio"] == 0.0  # lr 0: nothing moved
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_update_ratio_of_every_logged_step_equals_the_weights_change(path, every):
+    """Steps logged one after another carry the weights after a step over as the next step's
+    weights before it (both paths); SGD with momentum and weight decay, so an update is not a
+    multiple of its gradient."""
+    import lightning.pytorch as pl
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def add(self, names, values):
+            self.steps.append(dict(zip(names, values.tolist(), strict=True)))
+
+        def add_layout(self, layout):
+            pass
+
+    weights = []  # after each step, float64; the first entry: before step 0
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not weights:
+                weights.append({n: p.detach().double().clone() for n, p in net.named_parameters()})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append({n: p.detach().double().clone() for n, p in net.named_parameters()})
+
+    recorder = Recorder()
+    trainer = pl.Trainer(max_steps=6, callbacks=[Snapshot(), GradientTelemetry(recorder, every_n_steps=every)],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader([(x, y)], batch_size=None))
+    logged = recorder.steps
+    assert len(logged) == 6 // every
+    for number, values in enumerate(logged):
+        step = number * every
+        for name in weights[0]:
+            before, after = weights[step][name], weights[step + 1][name]
+            expected = ((after - before).norm() / before.norm()).item()
+            assert values[f"update/net.{name}/ratio"] == pytest.approx(expected, rel=1e-6), (step, name)

@@ -91,7 +91,9 @@ class GradientTelemetry(pl.Callback):
 
     Gradients are read in `on_before_optimizer_step` (after accumulation and AMP unscaling, before
     clipping and the update), the weights there and again in `on_train_batch_end` (the update
-    ratio). Activations come from a tap on each ReLU module's forward (`_OutputTap`), keyed by module: a module
+    ratio; when every step logs, on a CPU, the weights read at one step's end are the next step's
+    weights before it, so a change made between two steps counts in the second). Activations come
+    from a tap on each ReLU module's forward (`_OutputTap`), keyed by module: a module
     called several times in a step has its calls concatenated along the batch dimension, so a unit
     is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a
     channel. When logging every N > 1 steps the taps exist only on the steps that log. The
@@ -153,6 +155,7 @@ class GradientTelemetry(pl.Callback):
         self._pending: list[tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]] = []
         self._pending_tags: list[tuple[str, ...]] = []
         self._kept: list[torch.Tensor] | None = None
+        self._carry_step: int | None = None  # the step whose weights before it the last step kept
         self._params: list[torch.Tensor] = []
         self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
         self._network_tensors: list[torch.Tensor] = []
@@ -199,6 +202,7 @@ class GradientTelemetry(pl.Callback):
         if self._own_recorder:
             self.recorder.on_fit_start(trainer, pl_module)
         network = network_of(pl_module)
+        self._carry_step = None
         self._network_params = list(network.named_parameters())
         self._network_tensors = [p for _, p in self._network_params]
         self._layers = relu_layers(network) if self.activations else []
@@ -263,7 +267,10 @@ class GradientTelemetry(pl.Callback):
     def _finish_step(self, trainer, batch_idx: int) -> None:
         step, self._step = self._step, None
         if self._kept is not None:
-            self._pending.append(self._update.pending(self._kept, self._params))
+            # Every step logs: the weights now are the next step's weights before it (`carry`).
+            carry = self.every_n_steps == 1
+            self._pending.append(self._update.pending(self._kept, self._params, carry=carry))
+            self._carry_step = step + 1 if carry else None
             self._pending_tags.append(self._update_tags)
             self._kept = None
         if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
@@ -325,7 +332,8 @@ class GradientTelemetry(pl.Callback):
                 self._update_tags = tuple(tags.update(n) for n in key)
             self._grad_list = named
             self._params = [p for _, p in named]
-        self._kept = self._update.before(self._params)  # a copy, read under no_grad: no detach needed
+        # A copy, read under no_grad (no detach needed), or the one the last step carried over.
+        self._kept = self._update.before(self._params, reuse=self._carry_step == self._step)
         # Per-parameter rows, then the global norm. Weights the CPU kernels took (kept in numpy)
         # vouch for their gradients' dtype, device and size: autograd keeps them those of the weight.
         self._pending.append(self._grad_stats.pending(self._grads, checked=isinstance(self._kept, np.ndarray)))

@@ -192,13 +192,31 @@ if numba is not None:
         return squares
 
     @_kernel
-    def _moved(addresses, sizes, kept, before, out):
+    def _change_squares_keep(address, kept):
+        """The same, and the tensor copied into `kept` with its squared norm: kept for the next step."""
+        x = _float32_at(address, kept.shape[0])
+        squares = 0.0
+        now = 0.0
+        for i in range(kept.shape[0]):
+            value = x[i]
+            change = np.float64(value) - np.float64(kept[i])
+            squares += change * change
+            now += np.float64(value) * np.float64(value)
+            kept[i] = value
+        return squares, now
+
+    @_kernel
+    def _moved(addresses, sizes, kept, before, out, carry):
         """out[r] = ||now - kept|| / ||kept|| for each tensor (0 if it did not move, inf if it was
-        all 0 and moved)."""
+        all 0 and moved); `carry`: then kept and before hold the tensors now (`keep` done)."""
         start = 0
         for r in range(addresses.shape[0]):
-            squares = _change_squares(addresses[r], kept[start : start + sizes[r]])
+            if carry:
+                squares, now = _change_squares_keep(addresses[r], kept[start : start + sizes[r]])
+            else:
+                squares, now = _change_squares(addresses[r], kept[start : start + sizes[r]]), before[r]
             out[r] = 0.0 if squares == 0.0 else math.sqrt(squares) / math.sqrt(before[r])
+            before[r] = now
             start += sizes[r]
 
     @_kernel
@@ -288,9 +306,11 @@ def keep(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.
     _keep(addresses, sizes, kept, before)
 
 
-def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.ndarray, out: np.ndarray) -> None:
-    """`UpdateRatio`: out[r] = ||now - kept|| / ||kept|| per tensor (float64)."""
-    _moved(addresses, sizes, kept, before, out)
+def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.ndarray, out: np.ndarray,
+          carry: bool = False) -> None:
+    """`UpdateRatio`: out[r] = ||now - kept|| / ||kept|| per tensor (float64); `carry`: and the
+    tensors now kept as `keep` would keep them (one pass over the weights where two were)."""
+    _moved(addresses, sizes, kept, before, out, carry)
 
 
 def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, fired: np.ndarray,

@@ -455,6 +455,12 @@ class UpdateRatio:
     their squares, and the change is summed in float64 by another (exact: the difference of two
     float32 numbers is a float64 number). `kept` is valid until the next `before`.
 
+    Steps logged one after another (the usual `every_n_steps=1`) need the weights after one step
+    as the weights before the next: `pending(..., carry=True)` keeps them on the CPU kernels'
+    path in the same pass that measures the change (the weights just written by the optimizer,
+    in cache; one pass less over them a step), and `before(params, reuse=True)` then takes that
+    copy instead of copying again, while the weights are the same tensors at the same addresses.
+
     >>> w = torch.tensor([3.0, 4.0]); ratio = UpdateRatio([2]); kept = ratio.before([w])
     >>> ratio(kept, [w + torch.tensor([0.0, 0.5])]).tolist()
     [0.1]
@@ -472,24 +478,35 @@ class UpdateRatio:
         self._host_list: list[int] | None = None  # the same, as a list
         self._host_before = np.zeros(len(self._host_sizes))
         self._host_ratio = np.zeros(len(self._host_sizes))
+        self._carried = False  # the copy kept holds the weights now (`pending(..., carry=True)`)
+        self._before_row = 0  # torch path: the row of the weights before in the (2, total) buffer
+        self._carried_from: list[int] = []  # torch path: the addresses of the weights carried
 
     @torch.no_grad()
-    def before(self, params: Sequence[torch.Tensor]) -> torch.Tensor | np.ndarray:
-        """The weights kept for `pending`/`__call__` after the step."""
+    def before(self, params: Sequence[torch.Tensor], reuse: bool = False) -> torch.Tensor | np.ndarray:
+        """The weights kept for `pending`/`__call__` after the step; `reuse`: the copy the last
+        `pending(..., carry=True)` kept, if there is one of these weights."""
+        carried, self._carried = self._carried, False
         addresses = self._param_addresses(params)
         if addresses is not None:
+            if reuse and carried and addresses is self._host_params:
+                return self._host_kept
             if self._host_kept is None:
                 self._host_kept = np.zeros(int(self._host_sizes.sum()), dtype=np.float32)
             _host_kernels().keep(addresses, self._host_sizes, self._host_kept, self._host_before)
             return self._host_kept
-        self.stacker.stacks(params, dtype=torch.float64, row=0)
-        return self.stacker.buffer(params[0].device, torch.float64)[0]
+        kept = self.stacker.buffer(params[0].device, torch.float64)[0]
+        if not (reuse and carried and list(map(torch.Tensor.data_ptr, params)) == self._carried_from):
+            self._before_row = 0
+            self.stacker.stacks(params, dtype=torch.float64, row=0)
+        return kept
 
     def _param_addresses(self, params: Sequence[torch.Tensor]) -> np.ndarray | None:
         """The weights' addresses for the CPU kernels, or None. Weights at the addresses last
         checked (the same tensors: an optimizer steps in place) are not checked again: their
-        dtype, device and size stay with their storage. Compared as a list of ints (one C
-        comparison; numpy's cost several calls, each ~10 us in a training step)."""
+        dtype, device and size stay with their storage; the same array object is returned then.
+        Compared as a list of ints (one C comparison; numpy's cost several calls, each ~10 us in
+        a training step)."""
         if self._host_params is not None and _host_kernels() is not None:
             if list(map(torch.Tensor.data_ptr, params)) == self._host_list:
                 return self._host_params
@@ -497,24 +514,30 @@ class UpdateRatio:
         self._host_list = None if self._host_params is None else self._host_params.tolist()
         return self._host_params
 
-    def pending(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]
+    def pending(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor], carry: bool = False
                 ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]:
         """The step's numbers (a device tensor, or the CPU kernels' ratios in a numpy array) and
-        what finishes them on the host (None: nothing to do); valid until the next call."""
+        what finishes them on the host (None: nothing to do); valid until the next call.
+        `carry`: keep the weights now for the next `before(params, reuse=True)`."""
         if isinstance(kept, np.ndarray):  # kept by the CPU kernels
             addresses = self._param_addresses(params)
             if addresses is None:  # the weights left the CPU or float32 during the step
                 self._host_ratio[:] = math.nan
             else:
-                _host_kernels().moved(addresses, self._host_sizes, kept, self._host_before, self._host_ratio)
+                _host_kernels().moved(addresses, self._host_sizes, kept, self._host_before, self._host_ratio, carry)
+                self._carried = carry
             return self._host_ratio, None
-        return self.norms(kept, params), self.finish
+        return self.norms(kept, params, carry), self.finish
 
     @torch.no_grad()
-    def norms(self, kept: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(2, k) ||before|| and ||after - before||, in grouped order; valid until the next call."""
-        self.stacker.stacks(params, dtype=torch.float64, row=1)
-        kept[1].sub_(kept[0])
+    def norms(self, kept: torch.Tensor, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:
+        """(2, k) ||before|| and ||after - before||, in grouped order; valid until the next call.
+        The weights before are in row `_before_row` of `kept`, the weights after go to the other;
+        `carry`: the difference overwrites the row before, and the row after is the next step's
+        row before (no copy)."""
+        before = self._before_row
+        after = 1 - before
+        self.stacker.stacks(params, dtype=torch.float64, row=after)
         if kept.device not in self._out:
             out = torch.zeros(2, len(self.stacker.sizes), dtype=torch.float64, device=kept.device)
             views = self.stacker.buffer(kept.device, torch.float64)[1]
@@ -525,7 +548,14 @@ class UpdateRatio:
             self._out[kept.device] = out, list(zip(views, rows, strict=True))
         out, pairs = self._out[kept.device]
         for view, rows in pairs:
-            torch.linalg.vector_norm(view, dim=2, out=rows)  # padding is 0: adds nothing
+            torch.linalg.vector_norm(view[before], dim=1, out=rows[0])  # padding is 0: adds nothing
+        change = before if carry else after
+        torch.sub(kept[after], kept[before], out=kept[change])
+        for view, rows in pairs:
+            torch.linalg.vector_norm(view[change], dim=1, out=rows[1])
+        if carry:
+            self._before_row, self._carried = after, True
+            self._carried_from = list(map(torch.Tensor.data_ptr, params))
         return out
 
     def finish(self, norms: np.ndarray) -> np.ndarray:
