@@ -300,3 +300,25 @@ def test_update_ratio_of_every_logged_step_equals_the_weights_change(path, every
             before, after = weights[step][name], weights[step + 1][name]
             expected = ((after - before).norm() / before.norm()).item()
             assert values[f"update/net.{name}/ratio"] == pytest.approx(expected, rel=1e-6), (step, name)
+
+
+@pytest.mark.usefixtures("path")
+def test_epoch_mask_starts_anew_each_epoch():
+    """The callback's protocol: `fired` passed from step to step within an epoch, None at an
+    epoch's first step; the epoch dead fraction counts the units that fired in none of its steps."""
+    stats = ActivationStats([(2, 3)])
+    fires = {0: torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), 1: torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]),
+             2: torch.zeros(2, 3)}
+    epochs = [[fires[0], fires[1]], [fires[2], fires[1]], [fires[0], fires[0]]]
+    expected = [1 / 3, 2 / 3, 2 / 3]
+    for outputs, dead in zip(epochs, expected, strict=True):
+        fired = None
+        for output in outputs:
+            rows, _, fired = stats.pending([output], fired=fired)
+        assert stats.epoch_dead_fraction(fired).tolist() == [dead]
+        assert fired.tolist() == [any(o[:, u].gt(0).any().item() for o in outputs) for u in range(3)]
+    # Another object's mask (a last batch of another size) is OR-ed in, not overwritten.
+    other = ActivationStats([(1, 3)])
+    _, _, fired = stats.pending([fires[0]])
+    _, _, fired = other.pending([torch.tensor([[0.0, 0.0, 5.0]])], fired=fired)
+    assert fired.tolist() == [True, False, True] and other.epoch_dead_fraction(fired).tolist() == [1 / 3]

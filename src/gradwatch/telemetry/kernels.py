@@ -251,13 +251,14 @@ if numba is not None:
                 counts[u] += fired
 
     @_kernel
-    def _unit_counts(addresses, shapes, per_unit, fired, out):
+    def _unit_counts(addresses, shapes, per_unit, fired, fresh, out, never):
         """For each float32 layer output at addresses[l], of shape (samples, units, positions) =
         shapes[l]: per_unit[...] = how many of each unit's outputs are > 0 (its units end to
-        end), fired[...] |= that count > 0 (the units that fired so far in an epoch), and
-        out[2 * l], out[2 * l + 1] = the layer's dead fraction (units that never fired) and zero
-        fraction (outputs that are 0). A ReLU's output is >= 0 or NaN: > 0 is non-zero, and NaN
-        counts as not firing."""
+        end); fired[...] = that count > 0 (`fresh`: the first step of an epoch), or |= it (the
+        units that fired so far in the epoch); out[2 * l], out[2 * l + 1] = the layer's dead
+        fraction (units that did not fire) and zero fraction (outputs that are 0); never[l] = the
+        share of its units that never fired in the epoch so far. A ReLU's output is >= 0 or NaN:
+        > 0 is non-zero, and NaN counts as not firing."""
         start = 0
         for layer in range(addresses.shape[0]):
             samples, units, positions = shapes[layer, 0], shapes[layer, 1], shapes[layer, 2]
@@ -270,14 +271,18 @@ if numba is not None:
                 _count_blocks(x, samples, units, positions, counts)
             fired_units = 0
             nonzero = 0
+            fired_in_epoch = 0
             for u in range(units):
                 count = counts[u]
                 fired_units += count > 0
                 nonzero += count
-                fired[start + u] |= count > 0
+                now = (count > 0) if fresh else (fired[start + u] or count > 0)
+                fired[start + u] = now
+                fired_in_epoch += now
             outputs = samples * units * positions
             out[2 * layer] = (units - fired_units) / units
             out[2 * layer + 1] = (outputs - nonzero) / outputs
+            never[layer] = (units - fired_in_epoch) / units
             start += units
 
     @_kernel
@@ -313,12 +318,13 @@ def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np
     _moved(addresses, sizes, kept, before, out, carry)
 
 
-def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, fired: np.ndarray,
-                out: np.ndarray) -> None:
+def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, fired: np.ndarray, fresh: bool,
+                out: np.ndarray, never: np.ndarray) -> None:
     """`ActivationStats`: per-unit counts of outputs > 0 (int32 scratch, all layers' units end to
-    end), OR-ed into `fired` (bool, the same units), and per layer (dead_fraction, zero_fraction)
-    into `out` (2 * layers, float64)."""
-    _unit_counts(addresses, shapes, per_unit, fired, out)
+    end), into `fired` (bool, the same units; OR-ed unless `fresh`), per layer (dead_fraction,
+    zero_fraction) into `out` (2 * layers, float64) and the share of units `fired` does not
+    mark into `never` (layers, float64)."""
+    _unit_counts(addresses, shapes, per_unit, fired, fresh, out, never)
 
 
 def never_fired(fired: np.ndarray, units: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -635,6 +635,9 @@ class ActivationStats:
             self._given = []  # not for the kernels
         self._host_out = np.zeros(2 * len(self.shapes))
         self._host_epoch = np.zeros(len(self.shapes))
+        mask = torch.zeros(self.unit_total, dtype=torch.bool)
+        self._host_fired = mask, mask.numpy()  # the mask of an epoch that starts here, and its numpy view
+        self._epoch_of: torch.Tensor | None = None
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -705,11 +708,18 @@ class ActivationStats:
         if addresses is None:
             counts, now = self.counts(tensors, combine)
             return counts, self.finish, now if fired is None else fired.to(now.device) | now
-        if fired is None:
-            fired = torch.zeros(self.unit_total, dtype=torch.bool)
-        elif fired.dtype != torch.bool or not fired.is_cpu or fired.shape != (self.unit_total,):
-            fired = fired.to("cpu", torch.bool).reshape(-1).clone()
-        _host_kernels().unit_counts(addresses, self._host_shapes, self._host_per_unit, fired.numpy(), self._host_out)
+        fresh = fired is None
+        if fresh:  # a new epoch: this object's own mask, overwritten
+            fired, view = self._host_fired
+        elif fired is self._host_fired[0]:
+            view = self._host_fired[1]
+        else:
+            if fired.dtype != torch.bool or not fired.is_cpu or fired.shape != (self.unit_total,):
+                fired = fired.to("cpu", torch.bool).reshape(-1).clone()
+            view = fired.numpy()
+        _host_kernels().unit_counts(addresses, self._host_shapes, self._host_per_unit, view, fresh, self._host_out,
+                                    self._host_epoch)
+        self._epoch_of = fired  # `_host_epoch` holds its never-fired fractions
         return self._host_out, None, fired
 
     @torch.no_grad()
@@ -767,6 +777,8 @@ class ActivationStats:
     def epoch_pending(self, fired_in_epoch: torch.Tensor) -> torch.Tensor | np.ndarray:
         """`epoch_dead_fraction`, as a numpy array (valid until the next call) where the CPU
         kernels count a CPU bool vector."""
+        if fired_in_epoch is self._epoch_of:  # the mask the last kernel call marked: counted there
+            return self._host_epoch
         if (fired_in_epoch.dtype == torch.bool and fired_in_epoch.is_cpu and self._given
                 and fired_in_epoch.shape == (self.unit_total,) and _host_kernels() is not None):
             return _host_kernels().never_fired(fired_in_epoch.numpy(), self._host_units, self._host_epoch)
