@@ -17,7 +17,9 @@ is the order of the magnitudes, NaN above inf: an integer maximum that vectorise
 for a row holding one, as torch's `amax` does. `reassoc` lets the compiler reorder the sums (and
 so vectorise them); NaN and inf keep their meaning (no `nnan`/`ninf`).
 
-`available()` says whether numba imports; the callers (`stats.py`) fall back to torch operations
+The entry points (`gradient_rows`, `keep`, `moved`, `unit_counts`, `never_fired`) are the
+compiled functions themselves, each called once a step: a Python wrapper around each was one more
+frame a call. `available()` says whether numba imports; the callers (`stats.py`) fall back to torch operations
 without it, and for any tensor that is not a contiguous float32 CPU tensor (CUDA, bf16, float64).
 """
 
@@ -142,10 +144,11 @@ if numba is not None:
         return total, squares, centred, top, zeros, nonfinite
 
     @_kernel
-    def _gradient_rows(addresses, sizes, tops, out):
-        """out[6 * r : 6 * r + 6] = mean, std, zero_fraction, norm, abs_max, nonfinite of the
-        float32 tensor at addresses[r]; out[-1] = the global norm. `tops` (int32, one per row)
-        holds the largest magnitudes' bit patterns."""
+    def gradient_rows(addresses, sizes, tops, out):
+        """`GradientStats`' rows of float32 CPU tensors, by address (`tensor.data_ptr()`; the
+        caller keeps the tensors alive): out[6 * r : 6 * r + 6] = mean, std, zero_fraction, norm,
+        abs_max, nonfinite of the tensor at addresses[r] (float64); out[-1] = the global norm.
+        `tops` (int32 scratch, one per row) holds the largest magnitudes' bit patterns."""
         everything = 0.0
         magnitudes = tops.view(np.float32)
         for r in range(addresses.shape[0]):
@@ -174,9 +177,9 @@ if numba is not None:
         return squares
 
     @_kernel
-    def _keep(addresses, sizes, kept, before):
-        """Copies the float32 tensors into `kept` (end to end) and puts each one's squared norm
-        in `before`."""
+    def keep(addresses, sizes, kept, before):
+        """`UpdateRatio.before`: copies the float32 tensors into `kept` (float32, end to end) and
+        puts each one's squared norm in `before` (float64)."""
         start = 0
         for r in range(addresses.shape[0]):
             before[r] = _copy_squares(addresses[r], kept[start : start + sizes[r]])
@@ -206,9 +209,10 @@ if numba is not None:
         return squares, now
 
     @_kernel
-    def _moved(addresses, sizes, kept, before, out, carry):
-        """out[r] = ||now - kept|| / ||kept|| for each tensor (0 if it did not move, inf if it was
-        all 0 and moved); `carry`: then kept and before hold the tensors now (`keep` done)."""
+    def moved(addresses, sizes, kept, before, out, carry):
+        """`UpdateRatio`: out[r] = ||now - kept|| / ||kept|| for each tensor (float64; 0 if it did
+        not move, inf if it was all 0 and moved); `carry`: then `kept` and `before` hold the
+        tensors now, as `keep` would (one pass over the weights where two were)."""
         start = 0
         for r in range(addresses.shape[0]):
             if carry:
@@ -251,10 +255,10 @@ if numba is not None:
                 counts[u] += fired
 
     @_kernel
-    def _unit_counts(addresses, shapes, per_unit, fired, fresh, out, never):
-        """For each float32 layer output at addresses[l], of shape (samples, units, positions) =
+    def unit_counts(addresses, shapes, per_unit, fired, fresh, out, never):
+        """`ActivationStats`. For each float32 layer output at addresses[l], of shape (samples, units, positions) =
         shapes[l]: per_unit[...] = how many of each unit's outputs are > 0 (its units end to
-        end); fired[...] = that count > 0 (`fresh`: the first step of an epoch), or |= it (the
+        end, int32 scratch); fired[...] (bool) = that count > 0 (`fresh`: the first step of an epoch), or |= it (the
         units that fired so far in the epoch); out[2 * l], out[2 * l + 1] = the layer's dead
         fraction (units that did not fire) and zero fraction (outputs that are 0); never[l] = the
         share of its units that never fired in the epoch so far. A ReLU's output is >= 0 or NaN:
@@ -286,8 +290,9 @@ if numba is not None:
             start += units
 
     @_kernel
-    def _never_fired(fired, units, out):
-        """out[l] = the share of layer l's units (units[l] of them, end to end in `fired`) that never fired."""
+    def never_fired(fired, units, out):
+        """`ActivationStats.epoch_dead_fraction`: out[l] (float64) = the share of layer l's units
+        (units[l] of them, int64, end to end in `fired`, bool) that `fired` does not mark."""
         start = 0
         for layer in range(units.shape[0]):
             never = 0
@@ -295,40 +300,4 @@ if numba is not None:
                 never += not fired[u]
             out[layer] = never / units[layer]
             start += units[layer]
-
-
-def gradient_rows(addresses: np.ndarray, sizes: np.ndarray, tops: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """`GradientStats`' rows of float32 CPU tensors, by address (`tensor.data_ptr()`; the caller
-    keeps the tensors alive): `out` (6 * rows + 1, float64) holds each row's mean, std,
-    zero_fraction, norm, abs_max and nonfinite, then the global norm; `tops` is int32 scratch,
-    one per row."""
-    _gradient_rows(addresses, sizes, tops, out)
-    return out
-
-
-def keep(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.ndarray) -> None:
-    """`UpdateRatio.before`: the weights copied into `kept` (float32), their squared norms into `before`."""
-    _keep(addresses, sizes, kept, before)
-
-
-def moved(addresses: np.ndarray, sizes: np.ndarray, kept: np.ndarray, before: np.ndarray, out: np.ndarray,
-          carry: bool = False) -> None:
-    """`UpdateRatio`: out[r] = ||now - kept|| / ||kept|| per tensor (float64); `carry`: and the
-    tensors now kept as `keep` would keep them (one pass over the weights where two were)."""
-    _moved(addresses, sizes, kept, before, out, carry)
-
-
-def unit_counts(addresses: np.ndarray, shapes: np.ndarray, per_unit: np.ndarray, fired: np.ndarray, fresh: bool,
-                out: np.ndarray, never: np.ndarray) -> None:
-    """`ActivationStats`: per-unit counts of outputs > 0 (int32 scratch, all layers' units end to
-    end), into `fired` (bool, the same units; OR-ed unless `fresh`), per layer (dead_fraction,
-    zero_fraction) into `out` (2 * layers, float64) and the share of units `fired` does not
-    mark into `never` (layers, float64)."""
-    _unit_counts(addresses, shapes, per_unit, fired, fresh, out, never)
-
-
-def never_fired(fired: np.ndarray, units: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """`ActivationStats.epoch_dead_fraction`: per layer, the share of its `units` (int64) that
-    `fired` (bool, the layers' units end to end) never marked, into `out` (float64)."""
-    _never_fired(fired, units, out)
-    return out
+        return out

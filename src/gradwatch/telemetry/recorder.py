@@ -69,6 +69,7 @@ class StepRecorder(pl.Callback):
         self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
         self._names: dict[tuple[int, ...], tuple[tuple[str, ...], tuple]] = {}
         self._metric_names: tuple[str, ...] = ()
+        self._world_size: int | None = None  # the processes of this fit
         self._loss: torch.Tensor | None = None
         self._loss_step: int | None = None
         self._written_step: int | None = None
@@ -126,6 +127,7 @@ class StepRecorder(pl.Callback):
         return self.events
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._world_size = None
         self._open()
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -175,7 +177,9 @@ class StepRecorder(pl.Callback):
         """The loss, the learning rate and the module's step metrics, with one transfer to the host."""
         metrics = getattr(pl_module, "step_metrics", None) or {}
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
-        if not metrics and world()[1] == 1:  # the loss alone: one transfer, no stack (~5 tensor operations less)
+        if self._world_size is None:  # once a fit: the processes are set up before it starts
+            self._world_size = world()[1]
+        if not metrics and self._world_size == 1:  # the loss alone: one transfer, no stack (~5 tensor operations less)
             self._metric_names = ()
             return [(_HEAD, np.array([float(self._loss), lr]))]
         if tuple(metrics) != self._metric_names:
