@@ -163,6 +163,19 @@ def test_statistics_on_meta_tensors_make_nothing_elsewhere():
     assert ratio(ratio.before(grads), grads).device.type == "meta"
 
 
+class StepsRecorder:
+    """What the callback hands a recorder, one dict of tag -> value per logged step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def add(self, names, values):
+        self.steps.append(dict(zip(names, values.tolist(), strict=True)))
+
+    def add_layout(self, layout):
+        self.layout = layout
+
+
 class Reversed(nn.Module):
     """ReLUs registered in the opposite order to their calls, and one ReLU called twice."""
 
@@ -200,17 +213,7 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, pat
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    class Recorder:
-        def __init__(self):
-            self.steps = []
-
-        def add(self, names, values):
-            self.steps.append(dict(zip(names, values.tolist(), strict=True)))
-
-        def add_layout(self, layout):
-            self.layout = layout
-
-    recorder = Recorder()
+    recorder = StepsRecorder()
     telemetry = GradientTelemetry(recorder)
     transfers = {"cpu": 0, "item": 0, "bool": 0}
     hooks = (("cpu", "cpu"), ("item", "item"), ("bool", "__bool__"))
@@ -267,16 +270,6 @@ def test_update_ratio_of_every_logged_step_equals_the_weights_change(path, every
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
 
-    class Recorder:
-        def __init__(self):
-            self.steps = []
-
-        def add(self, names, values):
-            self.steps.append(dict(zip(names, values.tolist(), strict=True)))
-
-        def add_layout(self, layout):
-            pass
-
     weights = []  # after each step, float64; the first entry: before step 0
 
     class Snapshot(pl.Callback):
@@ -287,7 +280,7 @@ def test_update_ratio_of_every_logged_step_equals_the_weights_change(path, every
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             weights.append({n: p.detach().double().clone() for n, p in net.named_parameters()})
 
-    recorder = Recorder()
+    recorder = StepsRecorder()
     trainer = pl.Trainer(max_steps=6, callbacks=[Snapshot(), GradientTelemetry(recorder, every_n_steps=every)],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")
