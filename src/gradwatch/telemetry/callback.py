@@ -8,6 +8,7 @@ the Trainer's TensorBoardLogger.
 
 import itertools
 import logging
+import math
 import operator
 import types
 from collections.abc import Callable
@@ -414,6 +415,10 @@ class GradientTelemetry(pl.Callback):
         return np.concatenate(parts).astype(np.float64, copy=False)  # a new array: never a view of a buffer
 
     def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
+        # A finite global norm (last) means every gradient is finite: one number, not a column.
+        # (An infinite one may still come from finite float64 gradients above ~1e154: count.)
+        if math.isfinite(grad_values[-1]):
+            return
         counts = grad_values[_NONFINITE:-1:len(tags.GRAD_STATS)]  # the rows' nonfinite column
         if not counts.any():
             return

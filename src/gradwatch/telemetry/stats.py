@@ -362,15 +362,16 @@ class GradientStats:
         sizes (autograd keeps a gradient's dtype, device and size those of its parameter), so
         only their layout is checked here."""
         addresses = None
-        if self._host_sizes is not None:
-            if checked and _host_kernels() is not None and len(grads) == len(self.sizes):
+        kernels = _host_kernels()
+        if self._host_sizes is not None and kernels is not None:
+            if checked and len(grads) == len(self.sizes):
                 if all(map(torch.Tensor.is_contiguous, grads)):
                     addresses = np.fromiter(map(torch.Tensor.data_ptr, grads), dtype=np.int64, count=len(grads))
             else:
                 addresses = _host_addresses(grads, self.sizes)
         if addresses is None:
             return self.sums(grads), self.finish
-        _host_kernels().gradient_rows(addresses, self._host_sizes, self._host_tops, self._host_out)
+        kernels.gradient_rows(addresses, self._host_sizes, self._host_tops, self._host_out)
         return self._host_out, None
 
     @torch.no_grad()
