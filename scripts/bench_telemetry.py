@@ -184,7 +184,7 @@ def bench_models(steps: int, repeats: int, extra: list[str], folder: Path, model
                  optimizers: list[str]) -> None:
     print(f"\nper step, fastest of {repeats} interleaved runs of {steps} steps (first {WARMUP} left out); "
           "ratio: median over the repeats against the neighbouring telemetry-off run of the same harness")
-    print(f"{'model':20s} {'optimizer':9s} {'variant':16s} {'CPU ms':>8s} {'ratio':>7s} {'wall ms':>8s} {'ratio':>7s}")
+    print(f"{'model':20s} {'optimizer':9s} {'variant':19s} {'CPU ms':>8s} {'ratio':>7s} {'wall ms':>8s} {'ratio':>7s}")
     harnesses = {"pipeline": pipeline_times, "own project": own_project_times}
     for model in models:
         for optimizer in optimizers:
@@ -198,7 +198,7 @@ def bench_models(steps: int, repeats: int, extra: list[str], folder: Path, model
                 cpu_ratio = float(np.median([on[0] / base[0] for on, base in zip(runs, off, strict=True)]))
                 wall_ratio = float(np.median([on[1] / base[1] for on, base in zip(runs, off, strict=True)]))
                 cpu, wall = min(t[0] for t in runs), min(t[1] for t in runs)
-                print(f"{model:20s} {optimizer:9s} {harness + ' ' + variant:16s} {cpu * 1e3:8.3f} "
+                print(f"{model:20s} {optimizer:9s} {harness + ' ' + variant:19s} {cpu * 1e3:8.3f} "
                       f"{cpu_ratio:6.3f}x {wall * 1e3:8.3f} {wall_ratio:6.3f}x", flush=True)
 
 
