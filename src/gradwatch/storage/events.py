@@ -29,6 +29,9 @@ from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 _MASK_DELTA = 0xA282EAD8
 
 
+_BUFFER = 1 << 20  # the event file's write buffer: a flush's worth of steps, written by the OS at once
+
+
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC32C (the same value as tensorboard's pure-Python one)."""
     crc = google_crc32c.value(data)
@@ -93,12 +96,15 @@ class EventFile:
         log_dir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.steps"
         self.path = log_dir / name
-        self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
-        self._pending: list[bytes] = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()]
+        # Each event goes into the file's buffer as a whole record when it is added (no list of
+        # pending events to join and checksum at a flush: a deep net's 26 KB events cost ~10 us
+        # less a step); `flush` hands the buffer to the OS. Kept open for the run, closed in close().
+        self._file = open(self.path, "ab", buffering=_BUFFER)  # noqa: SIM115
+        self._add(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         if purge_from_step is not None:
             restart = Event(wall_time=time.time(), step=purge_from_step,
                             session_log=SessionLog(status=SessionLog.START))
-            self._pending.append(restart.SerializeToString())
+            self._add(restart.SerializeToString())
         # Templates by tag list (a step with telemetry and one without have different lists).
         self._templates: dict[tuple[str, ...], SummaryTemplate] = {}
         self._last_names: Sequence[str] | None = None
@@ -113,20 +119,19 @@ class EventFile:
             if template is None:
                 template = self._templates[tuple(names)] = SummaryTemplate(names)
             self._last_names, self._last_template = names, template
-        self._pending.append(scalar_event(step, template.encode(values), time.time()))
+        self._add(scalar_event(step, template.encode(values), time.time()))
 
     write = add_scalars
 
     def add_summary(self, step: int, summary: Summary) -> None:
-        self._pending.append(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
+        self._add(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
+
+    def _add(self, event: bytes) -> None:
+        self._file.write(_record(event))
 
     def flush(self) -> None:
-        if self._file.closed:
-            return
-        if self._pending:
-            self._file.write(b"".join(_record(data) for data in self._pending))
-            self._pending = []
-        self._file.flush()
+        if not self._file.closed:
+            self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:
