@@ -92,8 +92,8 @@ class GradientTelemetry(pl.Callback):
 
     Gradients are read in `on_before_optimizer_step` (after accumulation and AMP unscaling, before
     clipping and the update), the weights there and again in `on_train_batch_end` (the update
-    ratio; when every step logs, on a CPU, the weights read at one step's end are the next step's
-    weights before it, so a change made between two steps counts in the second). Activations come
+    ratio; when every step logs, the weights read at one step's end are the next step's weights
+    before it, so a change made between two steps counts in the second). Activations come
     from a tap on each ReLU module's forward (`_OutputTap`), keyed by module: a module
     called several times in a step has its calls concatenated along the batch dimension, so a unit
     is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a

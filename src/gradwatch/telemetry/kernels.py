@@ -4,9 +4,11 @@ On a CPU the statistics are memory-bound: each torch operation reads (and often 
 gradient, and a step's telemetry took ~15 such passes plus a copy of every gradient into one
 stack. These kernels (numba, compiled on first use and cached on disk) read each float32 tensor
 where it lies, through its address, and keep every sum in float64 registers: the gradients'
-rows take one pass from memory (the variance is two-pass per chunk of 2048 values, while they
-are in L1, and the chunks are merged by Chan et al.'s update), the update ratio one pass before
-the step and one after, the dead units one pass over the ReLU outputs
+rows take one pass from memory (each chunk of 2048 values is then read three times from L1: its
+largest magnitude and zeros, its sum, its sum of squares about its mean; the chunks are merged
+by Chan et al.'s update), the update ratio one pass after the step (when every step logs, that
+pass also keeps the weights for the next; otherwise a copy before the step), the dead units one
+pass over the ReLU outputs
 (`scripts/bench_telemetry.py` measures them against the torch path).
 
 Exact at any float32 magnitude, like the torch path: a float32 value squared in float64 neither
@@ -256,13 +258,14 @@ if numba is not None:
 
     @_kernel
     def unit_counts(addresses, shapes, per_unit, fired, fresh, out, never):
-        """`ActivationStats`. For each float32 layer output at addresses[l], of shape (samples, units, positions) =
-        shapes[l]: per_unit[...] = how many of each unit's outputs are > 0 (its units end to
-        end, int32 scratch); fired[...] (bool) = that count > 0 (`fresh`: the first step of an epoch), or |= it (the
-        units that fired so far in the epoch); out[2 * l], out[2 * l + 1] = the layer's dead
-        fraction (units that did not fire) and zero fraction (outputs that are 0); never[l] = the
-        share of its units that never fired in the epoch so far. A ReLU's output is >= 0 or NaN:
-        > 0 is non-zero, and NaN counts as not firing."""
+        """`ActivationStats`. For each float32 layer output at addresses[l], of shape (samples,
+        units, positions) = shapes[l]: per_unit[...] (int32 scratch, the layers' units end to
+        end) = how many of each unit's outputs are > 0; fired[...] (bool) = that count > 0
+        (`fresh`: the first step of an epoch), or |= it (the units that fired so far in the
+        epoch); out[2 * l], out[2 * l + 1] = the layer's dead fraction (units that did not fire)
+        and zero fraction (outputs that are 0); never[l] = the share of its units that never
+        fired in the epoch so far. A ReLU's output is >= 0 or NaN: > 0 is non-zero, and NaN
+        counts as not firing."""
         start = 0
         for layer in range(addresses.shape[0]):
             samples, units, positions = shapes[layer, 0], shapes[layer, 1], shapes[layer, 2]
