@@ -460,7 +460,7 @@ class UpdateRatio:
     as the weights before the next: `pending(..., carry=True)` keeps them on the CPU kernels'
     path in the same pass that measures the change (the weights just written by the optimizer,
     in cache; one pass less over them a step), and `before(params, reuse=True)` then takes that
-    copy instead of copying again, while the weights are the same tensors at the same addresses.
+    copy instead of copying again.
 
     >>> w = torch.tensor([3.0, 4.0]); ratio = UpdateRatio([2]); kept = ratio.before([w])
     >>> ratio(kept, [w + torch.tensor([0.0, 0.5])]).tolist()
@@ -479,29 +479,27 @@ class UpdateRatio:
         self._host_list: list[int] | None = None  # the same, as a list
         self._host_before = np.zeros(len(self._host_sizes))
         self._host_ratio = np.zeros(len(self._host_sizes))
-        self._carried = False  # the copy kept holds the weights now (`pending(..., carry=True)`)
+        # What `pending(..., carry=True)` kept: the weights after that step, for `before(reuse=True)`.
+        self._carried: torch.Tensor | np.ndarray | None = None
         self._before_row = 0  # torch path: the row of the weights before in the (2, total) buffer
-        self._carried_from: list[int] = []  # torch path: the addresses of the weights carried
 
     def before(self, params: Sequence[torch.Tensor], reuse: bool = False) -> torch.Tensor | np.ndarray:
         """The weights kept for `pending`/`__call__` after the step; `reuse`: the copy the last
-        `pending(..., carry=True)` kept, if there is one of these weights. (no_grad only around
-        torch operations: entering it costs ~5 us in a training step.)"""
-        carried, self._carried = self._carried, False
+        `pending(..., carry=True)` kept, if the last call was one. (no_grad only around torch
+        operations: entering it costs ~5 us in a training step.)"""
+        carried, self._carried = self._carried, None
+        if reuse and carried is not None:  # nothing of the weights is read: no check needed
+            return carried
         addresses = self._param_addresses(params)
         if addresses is not None:
-            if reuse and carried and addresses is self._host_params:
-                return self._host_kept
             if self._host_kept is None:
                 self._host_kept = np.zeros(int(self._host_sizes.sum()), dtype=np.float32)
             _host_kernels().keep(addresses, self._host_sizes, self._host_kept, self._host_before)
             return self._host_kept
-        kept = self.stacker.buffer(params[0].device, torch.float64)[0]
-        if not (reuse and carried and list(map(torch.Tensor.data_ptr, params)) == self._carried_from):
-            self._before_row = 0
-            with torch.no_grad():
-                self.stacker.stacks(params, dtype=torch.float64, row=0)
-        return kept
+        self._before_row = 0
+        with torch.no_grad():
+            self.stacker.stacks(params, dtype=torch.float64, row=0)
+        return self.stacker.buffer(params[0].device, torch.float64)[0]
 
     def _param_addresses(self, params: Sequence[torch.Tensor]) -> np.ndarray | None:
         """The weights' addresses for the CPU kernels, or None. Weights at the addresses last
@@ -527,7 +525,7 @@ class UpdateRatio:
                 self._host_ratio[:] = math.nan
             else:
                 _host_kernels().moved(addresses, self._host_sizes, kept, self._host_before, self._host_ratio, carry)
-                self._carried = carry
+                self._carried = kept if carry else None
             return self._host_ratio, None
         return self.norms(kept, params, carry), self.finish
 
@@ -556,8 +554,7 @@ class UpdateRatio:
         for view, rows in pairs:
             torch.linalg.vector_norm(view[change], dim=1, out=rows[1])
         if carry:
-            self._before_row, self._carried = after, True
-            self._carried_from = list(map(torch.Tensor.data_ptr, params))
+            self._before_row, self._carried = after, kept
         return out
 
     def finish(self, norms: np.ndarray) -> np.ndarray:
