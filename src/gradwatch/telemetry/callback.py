@@ -169,6 +169,7 @@ class GradientTelemetry(pl.Callback):
         self._grad_tags: tuple[str, ...] = ()
         self._update_tags: tuple[str, ...] = ()
         self._act_stats: dict[tuple, tuple[ActivationStats, tuple[str, ...], list[int]]] = {}
+        self._last_act: tuple = (None, None)  # the last step's key into `_act_stats`, and its entry
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
         self._epoch_tags: dict[tuple[int, ...], tuple[str, ...]] = {}
@@ -351,10 +352,16 @@ class GradientTelemetry(pl.Callback):
             outputs = [made[0] if len(made) == 1 else unit_view(made) for made in calls if made]
         list(map(list.clear, calls))
         key = (present, tuple(map(_SHAPE, outputs)))
-        if key not in self._act_stats:
-            act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
-            self._act_stats[key] = ActivationStats([tuple(o.shape) for o in outputs]), act_tags, list(present)
-        stats, act_tags, present = self._act_stats[key]
+        if key == self._last_act[0]:  # the last step's layers and shapes: no hashing of ~49 shapes
+            entry = self._last_act[1]
+        else:
+            entry = self._act_stats.get(key)
+            if entry is None:
+                act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
+                entry = self._act_stats[key] = (ActivationStats([tuple(o.shape) for o in outputs]), act_tags,
+                                                list(present))
+            self._last_act = key, entry
+        stats, act_tags, present = entry
         # The units that fired earlier in this epoch, if any (None: a new epoch, or a checkpoint
         # from another model); `pending` adds this step's.
         earlier = self._fired_epoch

@@ -43,8 +43,9 @@ HOST_KERNELS = True  # use gradwatch.telemetry.kernels for float32 CPU tensors (
 _kernels = None  # the module once imported; False when numba is missing
 
 
-_DTYPE, _IS_CPU, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("is_cpu"), operator.attrgetter("shape")
-_FLOAT32 = {torch.float32}
+_SHAPE = operator.attrgetter("shape")
+_DTYPE_CPU = operator.attrgetter("dtype", "is_cpu")  # one pass over the tensors for both
+_FLOAT32_CPU = {(torch.float32, True)}
 
 
 def _host_kernels():
@@ -69,9 +70,8 @@ def _host_addresses(tensors: Sequence[torch.Tensor], shapes: list, checked: bool
     call, this 60 us."""
     if _host_kernels() is None or not tensors or len(tensors) != len(shapes):
         return None
-    # A sparse tensor is not contiguous: it stops at the third test, before `data_ptr`.
-    if (set(map(_DTYPE, tensors)) != _FLOAT32 or not all(map(_IS_CPU, tensors))
-            or not all(map(torch.Tensor.is_contiguous, tensors))
+    # A sparse tensor is not contiguous: it stops at the second test, before `data_ptr`.
+    if (set(map(_DTYPE_CPU, tensors)) != _FLOAT32_CPU or not all(map(torch.Tensor.is_contiguous, tensors))
             or not checked
             and list(map(torch.Tensor.numel if isinstance(shapes[0], int) else _SHAPE, tensors)) != shapes):
         return None
