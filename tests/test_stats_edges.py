@@ -315,3 +315,29 @@ def test_epoch_mask_starts_anew_each_epoch():
     _, _, fired = stats.pending([fires[0]])
     _, _, fired = other.pending([torch.tensor([[0.0, 0.0, 5.0]])], fired=fired)
     assert fired.tolist() == [True, False, True] and other.epoch_dead_fraction(fired).tolist() == [1 / 3]
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6()])
+def test_output_tap_returns_what_the_module_returns_and_keeps_it_while_recording(module):
+    """The tap wraps the module's own forward (nn.ReLU's inline, in place or not; any other
+    through its class); a deep copy calls its own forward; removing the tap restores the module."""
+    import copy
+
+    from gradwatch.telemetry.callback import _OutputTap
+
+    class Owner:
+        _recording = True
+
+    owner, calls = Owner(), []
+    x = torch.randn(4, 5) * 10
+    expected = type(module)(*([module.inplace] if isinstance(module, nn.ReLU) else []))(x.clone())
+    tap = _OutputTap(module, calls, owner)
+    out = module(x.clone())
+    assert torch.equal(out, expected) and len(calls) == 1 and calls[0] is out
+    owner._recording = False
+    module(x.clone())
+    assert len(calls) == 1
+    twin = copy.deepcopy(module)
+    assert torch.equal(twin(x.clone()), expected)
+    tap.remove()
+    assert "forward" not in module.__dict__ and torch.equal(module(x.clone()), expected)

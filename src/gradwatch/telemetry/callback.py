@@ -62,7 +62,17 @@ class _OutputTap:
         inner = self.previous
         append = calls.append
 
-        if inner is None:
+        if inner is None and type(module).forward is nn.ReLU.forward:
+            # nn.ReLU's own forward, one frame and no argument packing less a call (~25 us a
+            # step on a 50-layer net): F.relu is what it calls.
+            relu = nn.functional.relu
+
+            def forward(self_, input):
+                output = relu(input, inplace=self_.inplace)
+                if owner._recording:
+                    append(output)
+                return output
+        elif inner is None:
             def forward(self_, *args, **kwargs):
                 output = type(self_).forward(self_, *args, **kwargs)
                 if owner._recording:
