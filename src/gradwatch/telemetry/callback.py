@@ -167,7 +167,7 @@ class GradientTelemetry(pl.Callback):
         self._pending_tags: list[tuple[str, ...]] = []
         self._kept: list[torch.Tensor] | None = None
         self._carry_step: int | None = None  # the step whose weights before it the last step kept
-        self._combine: tuple | None = None  # (how act counts combine over processes, or False,), per fit
+        self._world_size: int | None = None  # the processes of this fit (as the recorder's)
         self._params: list[torch.Tensor] = []
         self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
         self._network_tensors: list[torch.Tensor] = []
@@ -215,7 +215,7 @@ class GradientTelemetry(pl.Callback):
         if self._own_recorder:
             self.recorder.on_fit_start(trainer, pl_module)
         network = network_of(pl_module)
-        self._carry_step = self._combine = None
+        self._carry_step = self._world_size = None
         self._network_params = list(network.named_parameters())
         self._network_tensors = [p for _, p in self._network_params]
         self._layers = relu_layers(network) if self.activations else []
@@ -379,9 +379,10 @@ class GradientTelemetry(pl.Callback):
                                     or earlier.shape != (stats.unit_total,)):
             earlier = None
         # The outputs have the shapes `stats` was made for (the key): `checked`.
-        if self._combine is None:  # once a fit: the processes are set up before it starts
-            self._combine = (combine_unit_counts if world()[1] > 1 else False,)
-        values, finish, self._fired_epoch = stats.pending(outputs, self._combine[0] or None, earlier, checked=True)
+        if self._world_size is None:  # once a fit: the processes are set up before it starts
+            self._world_size = world()[1]
+        combine = combine_unit_counts if self._world_size > 1 else None
+        values, finish, self._fired_epoch = stats.pending(outputs, combine, earlier, checked=True)
         self._pending.append((values, finish))
         self._pending_tags.append(act_tags)
         self._epoch_layers, self._epoch_stats = present, stats
