@@ -5,8 +5,23 @@
     ('outputs/run/checkpoints/last.ckpt', 'outputs/run/tb')
 """
 
+import shlex
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def tensorboard_command(logdir: Path | str) -> str:
+    """The command that opens `logdir` in TensorBoard, by the full path of the `tensorboard` installed
+    beside this Python (the venv's), so that it works without activating the venv.
+
+        >>> tensorboard_command("outputs/run 1").endswith("tensorboard --logdir 'outputs/run 1'")
+        True
+    """
+    beside = Path(sys.executable).absolute().parent / "tensorboard"
+    program = str(beside) if beside.exists() else shutil.which("tensorboard") or "tensorboard"
+    return f"{shlex.quote(program)} --logdir {shlex.quote(str(logdir))}"
 
 
 @dataclass(frozen=True)
