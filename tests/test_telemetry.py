@@ -142,7 +142,7 @@ def test_stats_functions_match_torch_on_odd_tensors():
     assert fired.tolist() == [False, True, True, False]
 
 
-def test_custom_scalars_layout_groups_each_layer(run_dir):
+def test_custom_scalars_layout_names_categories_after_what_they_hold(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -152,11 +152,12 @@ def test_custom_scalars_layout_groups_each_layer(run_dir):
     (event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     categories = {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
-    assert categories["layer 0"]["grad mean"] == [r"grad/0\.weight/mean", r"grad/0\.bias/mean"]
-    assert categories["layer 2"]["grad zero_fraction"] == [r"grad/2\.weight/zero_fraction",
-                                                           r"grad/2\.bias/zero_fraction"]
-    assert categories["layer 1"]["activations"] == ["act/1/dead_fraction", "act/1/zero_fraction",
-                                                    "act/1/dead_fraction_epoch"]
+    assert list(categories) == ["training", "gradient flow", "dead ReLUs", "gradients of 0 (weight, bias)",
+                                "gradients of 2 (weight, bias)"]
+    assert categories["gradients of 0 (weight, bias)"]["gradient mean"] == [r"grad/0\.weight/mean",
+                                                                            r"grad/0\.bias/mean"]
+    assert categories["dead ReLUs"]["dead fraction (units silent for the whole batch), every ReLU layer"] == [
+        "act/1/dead_fraction"]
 
 
 def test_histograms_every_n_steps(run_dir):

@@ -24,6 +24,14 @@ def tensorboard_command(logdir: Path | str) -> str:
     return f"{shlex.quote(program)} --logdir {shlex.quote(str(logdir))}"
 
 
+# A summarised folder's files (a sweep's, or one run's with scripts/summarize.py).
+SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
+REPORT_PNG, HEATMAP_PNG, SCATTER_PNG, DEAD_PNG, GRADIENTS_PNG = (
+    "report.png", "report_heatmap.png", "report_scatter.png", "report_dead.png", "report_gradients.png")
+# A sweep's per-setting TensorBoard runs: the mean over seeds, one folder per setting.
+MEAN_OVER_SEEDS = "mean_over_seeds"
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """`<root>/run.json`, `.hydra/`, `tb/`, `metrics/`, `checkpoints/last.ckpt`, `error.log`."""

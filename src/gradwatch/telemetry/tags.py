@@ -45,27 +45,50 @@ def grad_histogram(param: str) -> str:
     return f"grad/{param}"
 
 
-def custom_scalars_layout(params: list[str], layers: list[str]) -> dict:
-    r"""TensorBoard's custom-scalars layout: one category per layer, one chart per statistic
-    holding that layer's parameters (`0.weight` and `0.bias` together), and its activations.
+def is_weight(param: str) -> bool:
+    """A layer's weight (`0.weight`, `conv.weight`), as against its bias."""
+    return param.rsplit(".", 1)[-1] == "weight"
 
-    >>> custom_scalars_layout(["0.weight", "0.bias"], ["1"])["layer 0"]["grad mean"]
-    ['Multiline', ['grad/0\\.weight/mean', 'grad/0\\.bias/mean']]
+
+GRADIENT_FLOW = "gradient flow"  # the custom-scalars category of every weight's gradient norm
+
+
+def custom_scalars_layout(params: list[str], layers: list[str]) -> dict:
+    r"""TensorBoard's custom-scalars layout, categories named after what they hold (every chart
+    has data in any run: accuracy and learning rate are in the Scalars tab): the loss, then
+    the gradient flow (every weight's gradient norm in one chart, input to output, so that a
+    first layer 1e-5 times the last shows; and every weight's update ratio), the ReLU layers'
+    dead fractions, and one category of gradient statistics per module (`0.weight`, `0.bias`).
+
+    >>> layout = custom_scalars_layout(["0.weight", "0.bias", "2.weight"], ["1"])
+    >>> list(layout)
+    ['training', 'gradient flow', 'dead ReLUs', 'gradients of 0 (weight, bias)', 'gradients of 2 (weight)']
+    >>> layout["gradient flow"]["gradient norm of every weight, input to output"]
+    ['Multiline', ['grad/0\\.weight/norm', 'grad/2\\.weight/norm']]
     """
-    by_layer: dict[str, list[str]] = {}
+    weights = [p for p in params if is_weight(p)] or list(params)
+    layout: dict = {"training": {"loss": ["Multiline", [re.escape(LOSS)]]}}
+    if weights:
+        layout[GRADIENT_FLOW] = {
+            "gradient norm of every weight, input to output": [
+                "Multiline", [re.escape(grad(w, "norm")) for w in weights]],
+            "update ratio of every weight": ["Multiline", [re.escape(update(w)) for w in weights]],
+            "global gradient norm": ["Multiline", [re.escape(GLOBAL_NORM)]]}
+    if layers:
+        layout["dead ReLUs"] = {
+            "dead fraction (units silent for the whole batch), every ReLU layer": [
+                "Multiline", [re.escape(act(layer, "dead_fraction")) for layer in layers]],
+            "units that never fired in the epoch, every ReLU layer": [
+                "Multiline", [re.escape(act(layer, ACT_EPOCH)) for layer in layers]],
+            "zero activations, every ReLU layer": [
+                "Multiline", [re.escape(act(layer, "zero_fraction")) for layer in layers]]}
+    by_module: dict[str, list[str]] = {}
     for param in params:
-        by_layer.setdefault(param.rsplit(".", 1)[0], []).append(param)
-    layout: dict = {}
-    for layer, names in by_layer.items():
-        layout[f"layer {layer}"] = {
-            f"grad {stat}": ["Multiline", [re.escape(grad(n, stat)) for n in names]] for stat in GRAD_STATS
-        }
-        layout[f"layer {layer}"]["update ratio"] = ["Multiline", [re.escape(update(n)) for n in names]]
-    for layer in layers:
-        layout.setdefault(f"layer {layer}", {})["activations"] = [
-            "Multiline", [re.escape(act(layer, stat)) for stat in (*ACT_STATS, ACT_EPOCH)]]
-    layout["training"] = {"loss": ["Multiline", [re.escape(LOSS)]],
-                          "global norm": ["Multiline", [re.escape(GLOBAL_NORM)]]}
+        by_module.setdefault(param.rsplit(".", 1)[0], []).append(param)
+    for module, names in by_module.items():
+        kinds = ", ".join(n.rsplit(".", 1)[-1] for n in names)
+        layout[f"gradients of {module} ({kinds})"] = {
+            f"gradient {stat}": ["Multiline", [re.escape(grad(n, stat)) for n in names]] for stat in GRAD_STATS}
     return layout
 
 
