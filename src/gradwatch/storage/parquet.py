@@ -138,6 +138,12 @@ class Scalars:
     def __len__(self) -> int:
         return len(self.step)
 
+    def frame(self) -> pd.DataFrame:
+        """The long DataFrame (step, tag, value), `tag` categorical in first-appearance order."""
+        tag = pd.Categorical.from_codes(self.code, categories=pd.Index(self.names, dtype=object)) \
+            if len(self.names) else pd.Categorical([])
+        return pd.DataFrame({"step": self.step, "tag": tag, "value": self.value})
+
     def mask(self, predicate: Callable[[str], bool]) -> np.ndarray:
         """Rows whose tag passes `predicate`, testing each distinct tag once."""
         wanted = np.fromiter((predicate(n) for n in self.names), dtype=bool, count=len(self.names))
@@ -188,8 +194,6 @@ def read_metrics(run_dir: Path, keep: Callable[[str], bool] | None = None) -> pd
     Unreadable parts are skipped and listed in `df.attrs["unreadable"]`.
     """
     scalars = read_scalars(run_dir, keep)
-    tag = pd.Categorical.from_codes(scalars.code, categories=pd.Index(scalars.names, dtype=object)) \
-        if len(scalars.names) else pd.Categorical([])
-    frame = pd.DataFrame({"step": scalars.step, "tag": tag, "value": scalars.value})
+    frame = scalars.frame()
     frame.attrs["unreadable"] = scalars.unreadable
     return frame

@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from gradwatch.summary import findings as fx
 from gradwatch.summary.outcome import Outcome, outcome_of, outcome_tag
 
@@ -50,8 +48,6 @@ def read_results(run_dir: Path, thresholds: fx.Thresholds, units: Mapping[str, i
 
     scalars = read_scalars(run_dir, keep=result_tag)
     outcome = outcome_of(scalars, thresholds.converge_below, thresholds.converge_relative)
-    tag = (pd.Categorical.from_codes(scalars.code, categories=pd.Index(scalars.names, dtype=object))
-           if len(scalars.names) else pd.Categorical([]))
-    curves = fx.Curves(pd.DataFrame({"step": scalars.step, "tag": tag, "value": scalars.value}))
+    curves = fx.Curves(scalars.frame())
     found = fx.diagnose(curves, thresholds, units=units)
     return RunResults(outcome, found, curves, scalars.unreadable)
