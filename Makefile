@@ -27,8 +27,9 @@ summary: install
 	if [ -z "$$dir" ]; then echo "make summary: no sweep under outputs/multirun yet (make sweep first, or DIR=<folder>)"; exit 2; fi; \
 	$(BIN)/python scripts/summarize.py "$$dir"
 
+# The newest run or sweep (a large sweep: its mean over seeds per setting), or DIR=<folder>.
 tensorboard: install
-	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1
+	$(BIN)/python scripts/open_tensorboard.py $(DIR)
 
 test: install
 	$(BIN)/python -m pytest -q

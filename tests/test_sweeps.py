@@ -47,6 +47,35 @@ def test_sweep_has_one_row_per_run_and_swept_keys_as_columns(basic_sweep):
         assert "/" not in run_dir and ":" not in run_dir and (sweep / run_dir / "run.json").exists()
 
 
+def _tb_folder(folder: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_mean_over_seeds_folder_holds_each_settings_mean_and_the_closing_line_opens_the_sweep(basic_sweep):
+    result, sweep = basic_sweep
+    table = pd.read_csv(sweep / "summary.csv")
+    means = sweep / "mean_over_seeds"
+    assert sorted(p.name for p in means.iterdir()) == sorted(
+        f"model={m},optimizer.lr={lr}" for m in ("linear", "mlp") for lr in ("0.05", "1e+30"))
+    for (model, lr), runs in table.groupby(["model", "optimizer.lr"]):
+        seeds = [read_tb(sweep / run_dir) for run_dir in runs["run_dir"]]
+        mean = _tb_folder(means / f"model={model},optimizer.lr={lr}")
+        for tag in ("train/loss", "grad/global_norm", "grad/0.weight/norm"):
+            steps = sorted({step for seed in seeds for step in seed[tag]})
+            expected = {}
+            for step in steps:  # float64 mean of the finite values, stored as float32
+                finite = [seed[tag][step] for seed in seeds if math.isfinite(seed[tag].get(step, math.nan))]
+                if finite:
+                    expected[step] = sum(finite) / len(finite)
+            assert mean[tag].keys() == expected.keys(), (model, lr, tag)
+            assert list(mean[tag].values()) == pytest.approx(list(expected.values()), rel=1e-6)
+    # 8 runs and 4 settings: TensorBoard selects all of them, so the sweep itself is the folder to open.
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    assert f"gradwatch: TensorBoard: {tensorboard} --logdir {sweep.relative_to(sweep.parents[3])}\n" in result.stdout
+
+
 def test_final_loss_equals_last_tensorboard_loss(basic_sweep):
     _, sweep = basic_sweep
     table = pd.read_csv(sweep / "summary.csv")
@@ -155,6 +184,10 @@ def test_joblib_launcher_runs_in_parallel_processes(tmp_path):
     sweep = _sweep_dir(tmp_path)
     table = pd.read_csv(sweep / "summary.csv")
     assert sorted(table["model"]) == ["linear", "mlp"] and (table["status"] == "completed").all()
+    # Parallel runs end in any order; their lines come in run order.
+    lines = [line for line in result.stdout.splitlines() if re.match(r"\[\d+/", line)]
+    assert [line.split()[0] for line in lines] == ["[1/2]", "[2/2]"]
+    assert not list(sweep.glob(".progress*"))
     for row in table.itertuples():
         losses = read_tb(sweep / row.run_dir)["train/loss"]
         assert row.final_loss == pytest.approx(losses[9], rel=1e-7)

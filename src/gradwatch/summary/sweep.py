@@ -1,7 +1,7 @@
 """Sweep plumbing for Hydra multirun: progress lines, thread caps, and the summary at the end."""
 
+import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,8 @@ from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from gradwatch.storage.paths import SUMMARY_MD, tensorboard_command
 
 TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
 THREADS_ENV = "GRADWATCH_TORCH_THREADS"
@@ -52,7 +54,7 @@ def _shown_path(path: Path) -> str:
 def last_line(record: dict[str, Any], run_dir: Path) -> str:
     """A single run's last console line: its verdict with the evidence, the final loss and the
     command that opens it, e.g. `gradwatch: dead_layer after 100 steps (layer 1: all units dead
-    from step 0 (1 at step 0)), final loss 0.52; tensorboard --logdir outputs/2026-.../...`."""
+    from step 0 (1 at step 0)), final loss 0.52; /.../.venv/bin/tensorboard --logdir outputs/2026-.../...`."""
     verdict = record.get("verdict") or record.get("status", "unknown")
     evidence = next((f.get("detail") for f in record.get("findings") or []
                      if isinstance(f, dict) and f.get("code") == verdict), None)
@@ -60,10 +62,10 @@ def last_line(record: dict[str, Any], run_dir: Path) -> str:
     ended = "" if status in ("completed", "diverged", None) else f" ({status})"
     return (f"gradwatch: {verdict}{ended} after {record.get('steps', 0)} steps"
             f"{f' ({evidence})' if evidence else ''}, final loss {_loss_text(record, 4)}; "
-            f"tensorboard --logdir {shlex.quote(_shown_path(run_dir))}")
+            f"{tensorboard_command(_shown_path(run_dir))}")
 
 
-def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
+def run_line(hydra_cfg: DictConfig, record: dict[str, Any]) -> str:
     """One line per finished run: `[3/18] optimizer.lr=0.1,seed=2  completed  converged  final_loss=0.0012`
     (status, then the verdict of its findings)."""
     total = os.environ.get(TOTAL_ENV, "?")
@@ -74,7 +76,58 @@ def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
     line = f"[{number}/{total}] {overrides}  {record.get('status', 'unknown')}{verdict}  final_loss={loss_text}"
     if record.get("error") and record["status"] == "failed":
         line += f"  ({record['error']})"
-    print(line, flush=True)
+    return line
+
+
+def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
+    print(run_line(hydra_cfg, record), flush=True)
+
+
+# A parallel launcher's runs end in any order; their lines are printed in run order, each as soon
+# as every run before it has ended. The state lives in the sweep folder, shared by the processes
+# under a file lock: the next number to print and the lines waiting for it.
+_PROGRESS, _PROGRESS_LOCK = ".progress.json", ".progress.lock"
+
+
+def print_in_order(sweep_dir: Path, number: int | None, line: str | None) -> None:
+    """Queue run `number`'s `line` and print every line now due; `number=None` prints all that wait."""
+    import fcntl
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state_path = sweep_dir / _PROGRESS
+    with open(sweep_dir / _PROGRESS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"next": 1, "waiting": {}}
+        waiting = {int(k): v for k, v in state["waiting"].items()}
+        if number is not None:
+            waiting[number] = line
+        due = sorted(waiting) if number is None else []
+        while number is not None and state["next"] in waiting:
+            due.append(state["next"])
+            state["next"] += 1
+        for n in due:
+            print(waiting.pop(n), flush=True)
+        state["waiting"] = waiting
+        state_path.write_text(json.dumps(state))
+
+
+def _end_progress(sweep_dir: Path) -> None:
+    if (sweep_dir / _PROGRESS).exists():
+        print_in_order(sweep_dir, None, None)  # lines of runs whose predecessors never reported
+    for name in (_PROGRESS, _PROGRESS_LOCK):
+        (sweep_dir / name).unlink(missing_ok=True)
+
+
+def open_line(folder: Path) -> str:
+    """The line that says how to open a sweep in TensorBoard: the whole sweep when TensorBoard
+    selects all its runs, else the mean over seeds per setting (and the sweep for every run)."""
+    from gradwatch.summary.aggregate import logdir_to_open
+
+    logdir = logdir_to_open(folder)
+    if logdir == Path(folder):
+        return f"gradwatch: TensorBoard: {tensorboard_command(_shown_path(folder))}"
+    return (f"gradwatch: TensorBoard, the mean over seeds per setting: {tensorboard_command(_shown_path(logdir))}"
+            f" (every run: --logdir {_shown_path(folder)})")
 
 
 class SweepCallback(Callback):
@@ -107,17 +160,21 @@ class SweepCallback(Callback):
         if record.get("status") == "running":  # the job ended without recording why
             error = job_return._return_value if isinstance(job_return._return_value, BaseException) else None
             record = {**record, "status": "failed", "error": f"{type(error).__name__}: {error}" if error else None}
-        report_run(config.hydra, record)
+        print_in_order(Path(config.hydra.sweep.dir), int(config.hydra.job.num) + 1, run_line(config.hydra, record))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from gradwatch.summary.aggregate import write_mean_over_seeds
         from gradwatch.summary.table import write_summary
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        _end_progress(sweep_dir)
         # Each run's own convergence threshold (a sweep may sweep it).
         result = write_summary(sweep_dir)
-        others = [name for name in result.written if name != "summary.md"]
-        print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/summary.md "
+        write_mean_over_seeds(sweep_dir, result)
+        others = [name for name in result.written if name != SUMMARY_MD]
+        print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/{SUMMARY_MD} "
               f"({', '.join(others)})", flush=True)
+        print(open_line(sweep_dir), flush=True)
         failed = result.failed
         if result.unreadable:
             print(f"gradwatch: unreadable runs: {', '.join(result.unreadable)}", flush=True)

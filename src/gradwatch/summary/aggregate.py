@@ -1,0 +1,124 @@
+"""A sweep's settings in TensorBoard: the mean over seeds of each setting's curves, and which folder
+to open so that TensorBoard starts on a few lines.
+
+TensorBoard selects at most 40 runs when it opens a folder (past that it selects none: blank
+Scalars and Custom Scalars tabs). A sweep of 48 runs over 16 settings therefore also gets
+`<sweep>/mean_over_seeds/<setting>/`, one TensorBoard run per setting holding, per step, the mean
+over its seeds of the loss, the global and per-parameter gradient norms and the dead fractions
+(finite values only: a diverged seed leaves the mean from its first non-finite step), under the
+runs' own tag names and custom-scalars layout.
+
+    >>> write_mean_over_seeds(sweep_dir, summary)   # doctest: +SKIP
+    PosixPath('outputs/multirun/.../mean_over_seeds')
+    >>> logdir_to_open(sweep_dir)                   # doctest: +SKIP
+    PosixPath('outputs/multirun/.../mean_over_seeds')
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradwatch.config.resolvers import safe_dirname
+from gradwatch.storage.events import EventFile, layout_summary
+from gradwatch.storage.paths import MEAN_OVER_SEEDS
+from gradwatch.summary.findings import Curves
+from gradwatch.telemetry import tags
+
+TENSORBOARD_SELECTS = 40  # runs TensorBoard selects when it opens a folder; past that, none
+ALL_RUNS = "all runs"  # the one setting of a sweep over seeds only
+
+
+def _mean_tag(tag: str) -> bool:
+    """The tags averaged over seeds: what a reader compares between settings."""
+    return (tag in (tags.LOSS, tags.ACCURACY, tags.GLOBAL_NORM) or tags.is_dead_fraction(tag)
+            or tags.is_grad_stat(tag, "norm"))
+
+
+def setting_names(runs: pd.DataFrame, swept: list[str]) -> pd.Series:
+    """Each run's setting as a folder name: its swept keys and values (`model=mlp,optimizer.lr=0.1`)."""
+    keys = [k for k in swept if k in runs.columns]
+    if not keys:
+        return pd.Series(ALL_RUNS, index=runs.index)
+    text = [",".join(f"{k}={v}" for k, v in zip(keys, row, strict=True))
+            for row in runs[keys].astype(str).itertuples(index=False)]
+    return pd.Series([safe_dirname(t) for t in text], index=runs.index)
+
+
+def mean_over_seeds(curves: list[Curves]) -> pd.DataFrame:
+    """step x tag: the mean over `curves` of each averaged tag at each step, over the runs whose
+    value there is finite (NaN where none is); columns in the first run's (network) order.
+
+    >>> a = Curves(pd.DataFrame({"step": [0, 1], "tag": ["train/loss"] * 2, "value": [4.0, 2.0]}))
+    >>> b = Curves(pd.DataFrame({"step": [0, 1], "tag": ["train/loss"] * 2, "value": [2.0, float("inf")]}))
+    >>> mean_over_seeds([a, b])["train/loss"].tolist()
+    [3.0, 2.0]
+    """
+    names = list(dict.fromkeys(n for c in curves for n in c.names if _mean_tag(n)))
+    columns = {}
+    for name in names:
+        series = []
+        for run in curves:
+            if name in run:
+                steps, values = run.get(name)
+                series.append(pd.Series(values, index=steps))
+        both = pd.concat(series, axis=1)
+        columns[name] = both.where(np.isfinite(both.to_numpy(dtype=float))).mean(axis=1, skipna=True)
+    return pd.DataFrame(columns).sort_index()
+
+
+def write_mean_over_seeds(folder: Path, summary) -> Path | None:
+    """`folder/mean_over_seeds/<setting>/` for every setting of the summary's runs, replacing an
+    older one; None (and nothing written) when no setting has more than one run."""
+    folder = Path(folder)
+    target = folder / MEAN_OVER_SEEDS
+    runs = summary.runs
+    if not len(runs):
+        return None
+    settings = setting_names(runs, summary.swept)
+    if settings.value_counts().max() < 2:
+        return None
+    shutil.rmtree(target, ignore_errors=True)
+    for setting, members in runs.groupby(settings, sort=False):
+        curves = [summary.metrics[r] for r in members["run_dir"].astype(str) if r in summary.metrics]
+        if not curves:
+            continue
+        means = mean_over_seeds(curves)
+        events = EventFile(target / setting)
+        params = [tags.layer_of(n) for n in means.columns if tags.is_grad_stat(n, "norm")]
+        layers = [tags.layer_of(n) for n in means.columns if tags.is_dead_fraction(n)]
+        events.add_summary(0, layout_summary(tags.custom_scalars_layout(params, layers)))
+        values = means.to_numpy(dtype=np.float64)
+        names = np.asarray(means.columns, dtype=object)
+        for step, row in zip(means.index, values, strict=True):
+            finite = np.isfinite(row)
+            if finite.any():
+                events.add_scalars(int(step), tuple(names[finite]), row[finite])
+        events.close()
+    return target
+
+
+def tensorboard_runs(folder: Path) -> int:
+    """How many TensorBoard runs (folders holding event files) are under `folder`."""
+    return len({p.parent for p in Path(folder).rglob("events.out.tfevents.*")})
+
+
+def logdir_to_open(folder: Path) -> Path:
+    """The folder TensorBoard should open for a run or a sweep: the sweep itself when TensorBoard
+    selects all its runs, else its mean over seeds when that fits, else the sweep anyway."""
+    folder = Path(folder)
+    means = folder / MEAN_OVER_SEEDS
+    if tensorboard_runs(folder) > TENSORBOARD_SELECTS and means.is_dir() \
+            and tensorboard_runs(means) <= TENSORBOARD_SELECTS:
+        return means
+    return folder
+
+
+def newest_output(outputs: Path) -> Path | None:
+    """The newest run or sweep folder under `outputs` (`<date>/<time>` or `multirun/<date>/<time>`),
+    by the date and time in its name."""
+    outputs = Path(outputs)
+    runs = [p for p in outputs.glob("*/*") if p.is_dir() and p.parent.name != "multirun"]
+    sweeps = [p for p in outputs.glob("multirun/*/*") if p.is_dir()]
+    return max([*runs, *sweeps], key=lambda p: (p.parent.name, p.name), default=None)
