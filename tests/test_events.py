@@ -1,6 +1,7 @@
 """gradwatch's event writer against protobuf's own serialisation and TensorBoard's reader."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -43,3 +44,23 @@ def test_tensorboard_reads_every_event_back(tmp_path):
     assert [e.value for e in acc.Scalars("train/loss")] == [float(s) for s in range(50)]
     assert [e.step for e in acc.Scalars("grad/0.weight/mean")] == [0, 10, 20, 30, 40]
     assert all(math.isclose(e.value, 0.1, rel_tol=1e-7) for e in acc.Scalars("lr"))
+
+
+def test_layout_has_one_gradient_flow_chart_with_every_weights_norm(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from conftest import read_tb, train
+
+    train(["model=mlp", "model.hidden=[4,4,4]", "trainer.max_steps=3"], tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    (flow,) = [c for c in layout.category if c.title == "gradient flow"]
+    charts = {chart.title: list(chart.multiline.tag) for chart in flow.chart}
+    expected = [rf"grad/{i}\.weight/norm" for i in (0, 2, 4, 6)]  # Linear, ReLU, Linear, ...: input to output
+    assert charts["gradient norm of every weight, input to output"] == expected
+    # Each regex matches exactly one scalar the run logged: that weight's norm.
+    logged = read_tb(tmp_path)
+    matched = [[tag for tag in logged if re.fullmatch(regex, tag)] for regex in expected]
+    assert matched == [[f"grad/{i}.weight/norm"] for i in (0, 2, 4, 6)]
