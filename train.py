@@ -1,13 +1,19 @@
 """Train a network with gradient telemetry: `python train.py model=mlp optimizer.lr=0.01`.
 
-Sweeps: `python train.py -m optimizer.lr=0.001,0.01,0.1 seed=0,1,2`. See README.md.
+Sweeps: `python train.py -m optimizer.lr=0.001,0.01,0.1 seed=0,1,2`. `python train.py --help` lists
+the groups and keys. See README.md.
 
-This file owns what the user sees of a run: one `gradwatch:` line (the verdict with its evidence,
-the final loss and the `tensorboard --logdir` command for the run folder) and the exit code (0 done,
-1 failed, 2 refused, 130/143 interrupted). In a sweep each run gets its progress line from the
-sweep callback instead. A refused command leaves an existing run folder byte-identical.
+This file owns what the user sees of a run: one `gradwatch:` line (the verdict in words with its
+evidence, the final loss, the accuracy and dead ReLU units where there are any, and the command that
+opens the run folder in TensorBoard) and the exit code (0 done, 1 failed, 2 refused, 130/143
+interrupted). In a sweep each run gets its progress line from the sweep callback instead.
+
+A refused command (exit 2) leaves no new run folder and an existing one byte-identical: what can be
+checked from the command line is checked before Hydra starts; what only the built objects can tell
+(a shape, a Trainer option) removes the folder Hydra made for it.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,31 +22,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gradwatch.config.cli import precheck, precheck_resume, run_folder
+from gradwatch.config.cli import CONF_DIR, PRIMARY, precheck, precheck_resume, refuse, run_folder
 from gradwatch.storage.paths import RunPaths
 
-CONF_DIR = Path(__file__).parent / "conf"
+# Set by the command line below: whether a refused single run removes the folder Hydra made for it
+# (it did not exist before), and whether Hydra named that folder (its date folder may go too).
+_NEW_FOLDER = {"remove": False, "named_by_hydra": False}
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=PRIMARY)
 def main(cfg: DictConfig) -> float:
-    from gradwatch.config.checks import check_config
     from gradwatch.config.errors import ConfigError
-
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if not multirun:
-        # Every scalar key checked before torch and Lightning load: a typo is refused at once.
-        # (In a sweep the pipeline records the refusal in the run's run.json and the sweep goes on.)
-        try:
-            check_config(cfg)
-        except ConfigError as err:
-            _record_refusal(cfg, str(err))
-            _refused(str(err))
-
     from gradwatch.summary import sweep
+    from gradwatch.summary.findings import in_words
     from gradwatch.telemetry.distributed import is_rank_zero
     from gradwatch.training.pipeline import EXIT_REFUSED, RunFailed, exit_code, run
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = run(cfg)
     except (ConfigError, RunFailed) as err:
@@ -51,40 +49,50 @@ def main(cfg: DictConfig) -> float:
             sweep.report_run(HydraConfig.get(), getattr(err, "record", {}))  # the sweep stops here
         elif is_rank_zero():
             print(f"gradwatch: {err}", file=sys.stderr, flush=True)
+        if not multirun and code == EXIT_REFUSED and _NEW_FOLDER["remove"]:
+            _remove_new_folder(Path(HydraConfig.get().runtime.output_dir), _NEW_FOLDER["named_by_hydra"])
         sys.exit(code)
     if not multirun and is_rank_zero():
-        print(sweep.last_line(result.record, result.run_dir), flush=True)
+        print(f"gradwatch: {in_words(result.record)}. TensorBoard: {_open_command(result.run_dir)}", flush=True)
     if result.exit_code:
         sys.exit(result.exit_code)
     return result.value
 
 
-def _record_refusal(cfg: DictConfig, message: str) -> None:
-    """A new run folder records why it holds no run (an existing run's record is left as it was)."""
-    from gradwatch.storage.record import RunRecord
+def _open_command(run_dir: Path) -> str:
+    """The command that opens the run folder, shown relative to the working directory when under it."""
+    from gradwatch.storage.paths import tensorboard_command
 
-    hydra_cfg = HydraConfig.get()
-    record = RunRecord(hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task), cfg.get("seed"))
-    if not record.path.exists():
-        record.write(status="failed", error=message)
+    try:
+        shown = Path(run_dir).resolve().relative_to(Path.cwd().resolve())
+    except (OSError, ValueError):
+        shown = Path(run_dir)
+    return tensorboard_command(shown)
 
 
-def _refused(message: str) -> None:
-    print(f"gradwatch: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _remove_new_folder(folder: Path, named_by_hydra: bool) -> None:
+    """A single run refused after Hydra made its folder: the folder goes, and the date folder Hydra
+    named it under when that is empty now."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if named_by_hydra:
+        try:
+            folder.parent.rmdir()
+        except OSError:
+            pass  # not empty: other runs of the day
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    precheck(argv, conf_dir=CONF_DIR)
+    precheck(argv)
     folder = run_folder(argv)
+    _NEW_FOLDER.update(remove=folder is None or not folder.exists(), named_by_hydra=folder is None)
     snapshot = RunPaths(folder).snapshot() if folder is not None and RunPaths(folder).is_run() else None
-    problem = precheck_resume(argv, folder, conf_dir=CONF_DIR)
+    problem = precheck_resume(argv, folder)
     if problem:
-        _refused(problem)
+        refuse(problem)
     try:
         main()
     except SystemExit as done:
-        if snapshot is not None and done.code == 2:
+        if done.code == 2 and snapshot is not None:
             snapshot.restore()  # Hydra wrote .hydra/ before the run was refused: put it back
         raise

@@ -28,7 +28,9 @@ REFUSED = [
     (["summary.converge_relative=abc"], "summary.converge_relative", "true or false"),
     (["optimizer.lr=inf"], "optimizer.lr", "a finite number > 0"),
     (["seed=-1"], "seed", "an integer from 0 to 4294967295"),
-    (["trainer.max_steps=abc"], "trainer.max_steps", "an integer >= -1 (-1: no limit)"),
+    (["trainer.max_steps=abc"], "trainer.max_steps", "an integer >= 1, or -1 (no limit: trainer.max_epochs decides)"),
+    (["trainer.max_steps=0"], "trainer.max_steps", "an integer >= 1, or -1 (no limit: trainer.max_epochs decides)"),
+    (["threads=0"], "threads", "an integer >= 1"),
     (["dataset.noise=abc"], "dataset.noise", "a number >= 0"),
     (["optimizer.momentum=-1"], "optimizer.momentum", "a number >= 0"),
     (["optimizer.weight_decay=abc"], "optimizer.weight_decay", "a number >= 0"),
@@ -39,6 +41,7 @@ REFUSED = [
      "(RuntimeError: 0D or 1D target tensor expected, multi-target not supported)"),
 ]
 IDS = [key if key != "optimizer.betas" else "adam-betas" for _, key, _ in REFUSED]
+IDS[IDS.index("trainer.max_steps", IDS.index("trainer.max_steps") + 1)] = "max_steps-0"
 
 
 def _value(overrides: list[str]) -> str:
@@ -112,7 +115,9 @@ def test_train_py_prints_one_line_naming_the_key(refused_by_train_py, case_id, o
     ("log.flush_every_n_steps", 2.0, "an integer >= 1"),
     ("log.flush_every_s", float("nan"), "a finite number >= 0"),
     ("summary.converge_below", float("inf"), "a finite number >= 0"),
-    ("trainer.max_epochs", -2, "null or an integer >= -1 (-1: no limit)"),
+    ("trainer.max_epochs", -2, "null or an integer >= 1, or -1 (no limit: trainer.max_steps decides)"),
+    ("trainer.max_epochs", 0, "null or an integer >= 1, or -1 (no limit: trainer.max_steps decides)"),
+    ("threads", 1.0, "an integer >= 1"),
     ("trainer.gradient_clip_val", -1.0, "null (no clipping) or a number >= 0"),
     ("trainer.deterministic", "yes", "true, false or warn"),
     ("dataset.size", True, "an integer >= 1 (a dataset cannot be empty)"),
@@ -140,7 +145,7 @@ def test_check_config_accepts_every_shipped_option():
                       ["trainer.max_steps=-1", "trainer.max_epochs=3", "dataset.seed=-5",
                        "trainer.deterministic=warn"]):
         check_config(compose_cfg(overrides))
-    assert {"seed", "optimizer.lr", "dataset.shuffle", "trainer.max_steps"} <= set(RULES)
+    assert {"seed", "threads", "optimizer.lr", "dataset.shuffle", "trainer.max_steps"} <= set(RULES)
 
 
 # ----------------------------------------------------------------------------- one step on copies

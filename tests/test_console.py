@@ -1,36 +1,93 @@
-"""What a user sees of one run: no Lightning banners, and a last line with the verdict and the
-command that opens the run in TensorBoard."""
+"""What a user sees of one run through `train.py`: no Lightning banners, and a last line that says in
+words what happened (the verdict, what it means, its evidence), the final loss, the accuracy and the
+dead ReLU units where there are any, and the full command that opens the run in TensorBoard."""
 
 import re
 import shlex
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradwatch.storage.paths import RunPaths
-from gradwatch.summary.findings import diagnose_run, verdict
+from gradwatch.summary.findings import VERDICT_WORDS, diagnose_run, verdict
 
-from conftest import strict_json, train_py
+from conftest import read_tb, strict_json, train_py
+
+pytestmark = pytest.mark.slow  # each test starts train.py
+
+LINE = re.compile(r"gradwatch: (\w+) after (\d+) steps: (.+?)(?: \((.*)\))?; final loss (\S+)"
+                  r"(?:, accuracy ([\d.]+)%)?(?:, (\d+)% of ReLU units dead(?: \(layer (\w+): (\d+)%\))?)?\. "
+                  r"TensorBoard: (\S+) --logdir (\S+)")
 
 
-@pytest.mark.slow  # starts train.py
-def test_a_run_ends_with_its_verdict_and_the_tensorboard_command(tmp_path):
-    result = train_py(["model=mlp", "model.bias_init=-5.0", "trainer.max_steps=40"], cwd=tmp_path)
+def last_line(result) -> dict:
     assert result.returncode == 0, result.stderr
     console = result.stdout + result.stderr
     for banner in ("GPU available", "TPU available", "litlogger", "Tip:", "`Trainer.fit` stopped"):
         assert banner not in console
     last = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"gradwatch: (\w+) after (\d+) steps \((.*)\), final loss (\S+); "
-                         r"tensorboard --logdir (.+)", last)
+    match = LINE.fullmatch(last)
     assert match, last
-    name, steps, evidence, loss, folder = match.groups()
-    run_dir = tmp_path / shlex.split(folder)[0]
-    assert folder.startswith("outputs/") and RunPaths(run_dir).is_run()
+    keys = ("verdict", "steps", "words", "evidence", "loss", "accuracy", "dead", "worst", "worst_dead", "program",
+            "folder")
+    return dict(zip(keys, match.groups(), strict=True))
+
+
+def end_mean(values: dict[int, float]) -> float:
+    """The mean over the end of the run as the findings define it: the last tenth, at least 3 steps."""
+    ordered = [values[s] for s in sorted(values)]
+    n = min(len(ordered), max(3, -(-len(ordered) // 10)))
+    return float(np.mean(ordered[-n:]))
+
+
+def test_the_default_run_says_it_is_learning_with_its_dead_units_and_the_venvs_tensorboard(tmp_path):
+    """`make train` (the default config): not `none`, and the 28% dead units are named."""
+    line = last_line(train_py([], cwd=tmp_path))
+    run_dir = tmp_path / shlex.split(line["folder"])[0]
+    record = strict_json(RunPaths(run_dir).record)
+    assert line["folder"].startswith("outputs/") and RunPaths(run_dir).is_run()
+    assert line["program"] == str(Path(sys.executable).absolute().parent / "tensorboard")
+    assert line["verdict"] == record["verdict"] == verdict(diagnose_run(run_dir)) == "learning"
+    assert line["words"] == VERDICT_WORDS["learning"]
+    assert line["evidence"] == record["findings"][0]["detail"]
+    scalars = read_tb(run_dir)
+    losses = scalars["train/loss"]
+    assert int(line["steps"]) == record["steps"] == len(losses) == 200
+    assert float(line["loss"]) == pytest.approx(losses[199], rel=1e-3) and not record["converged"]
+    # Dead units from the TensorBoard files: the mean over the ReLU layers at the last step, the worst layer.
+    dead = {tag.split("/")[1]: values[199] for tag, values in scalars.items() if tag.endswith("/dead_fraction")}
+    assert set(dead) == {"1", "3"} and record["dead_fraction_layers"] == pytest.approx(dead)
+    assert int(line["dead"]) == round(100 * np.mean(list(dead.values())))
+    worst = max(dead, key=dead.get)
+    assert (line["worst"], int(line["worst_dead"])) == (worst, round(100 * dead[worst]))
+    assert line["accuracy"] is None and record["accuracy_final"] is None  # MSE regression: no accuracy
+
+
+def test_a_digits_run_carries_its_accuracy_in_the_line_and_run_json(tmp_path):
+    result = train_py(["dataset=digits", "loss=cross_entropy", "model.hidden=[32]", "optimizer.lr=0.5",
+                       "trainer.max_steps=60", "summary.converge_below=0.5"], cwd=tmp_path)
+    line = last_line(result)
+    run_dir = tmp_path / shlex.split(line["folder"])[0]
+    record = strict_json(RunPaths(run_dir).record)
+    accuracy = end_mean(read_tb(run_dir)["train/accuracy"])  # the last 6 steps' batches
+    assert record["accuracy_final"] == pytest.approx(accuracy, rel=1e-6)
+    assert float(line["accuracy"]) == pytest.approx(100 * accuracy, abs=0.05)
+    assert line["verdict"] == record["verdict"] and line["words"] == VERDICT_WORDS[record["verdict"]]
+
+
+def test_a_dead_layer_run_gives_its_evidence_and_the_findings_as_tensorboard_text(tmp_path):
+    line = last_line(train_py(["model=mlp", "model.bias_init=-5.0", "trainer.max_steps=40"], cwd=tmp_path))
+    run_dir = tmp_path / shlex.split(line["folder"])[0]
     record = strict_json(run_dir / "run.json")
-    assert name == record["verdict"] == verdict(diagnose_run(run_dir)) == "dead_layer"
-    assert int(steps) == record["steps"] == 40 and float(loss) == pytest.approx(record["final_loss"], rel=1e-3)
-    assert evidence == record["findings"][0]["detail"] == "layer 1: 16 of 16 units dead from step 0 (1 at step 0)"
+    assert line["verdict"] == record["verdict"] == verdict(diagnose_run(run_dir)) == "dead_layer"
+    assert int(line["steps"]) == record["steps"] == 40
+    assert float(line["loss"]) == pytest.approx(record["final_loss"], rel=1e-3)
+    evidence = "layer 1: 16 of 16 units dead from step 0 (1 at step 0)"
+    assert line["evidence"] == record["findings"][0]["detail"] == evidence
+    assert line["dead"] == "100"
     # TensorBoard's text plugin carries the same findings.
     acc = EventAccumulator(str(RunPaths(run_dir).tb), size_guidance={"tensors": 0})
     acc.Reload()

@@ -21,7 +21,7 @@ from gradwatch.summary.findings import (
     diagnose,
     diagnose_run,
     diagnosis_tag,
-    headline,
+    in_words,
     verdict,
     what_happened,
 )
@@ -52,15 +52,47 @@ def found(curves: dict[str, list[float]], limits: Thresholds = LIMITS, **kwargs)
 
 # --- converged and stalled -------------------------------------------------------------------
 
-def test_converged_at_the_first_step_at_or_below_the_threshold():
+def test_converged_when_the_end_is_at_or_below_the_threshold_from_the_first_step_there():
+    # The end: the median of the last 3 losses (0.01, 0.001, 0.0001) is 0.001.
     result = found({"train/loss": [4.0, 1.0, 0.01, 0.001, 0.0001]})
     assert list(result) == ["converged"]
-    assert result["converged"] == [Finding("converged", 3, "loss", "loss 0.001 at step 3, at or below 0.001")]
+    assert result["converged"] == [Finding(
+        "converged", 3, "loss",
+        "loss 0.001 at the end (median of the last 3 logged steps), at or below 0.001; first there at step 3 (0.001)")]
+
+
+def test_touching_the_threshold_once_is_learning_not_converged():
+    loss = [4.0, 2.0, 0.0005, 1.2, 1.1, 1.0]
+    assert list(found({"train/loss": loss})) == ["learning"]
+    (learning,) = found({"train/loss": loss})["learning"]
+    assert learning == Finding("learning", 5, "loss", "loss 4 at step 0 -> 1.1 at the end (median of the last 3 "
+                               "logged steps), 72.5% lower; was at or below 0.001 at step 2 but did not stay there")
+
+
+def test_learning_when_nothing_holds_and_the_loss_fell():
+    loss = list(np.geomspace(1.0, 0.1, 20))
+    (learning,) = found({"train/loss": loss})["learning"]
+    end = float(np.median(loss[-3:]))
+    assert learning.detail == (f"loss 1 at step 0 -> {end:.3g} at the end (median of the last 3 logged steps), "
+                               f"{1 - end:.1%} lower; not yet at or below 0.001")
+    assert verdict(diagnose(frame({"train/loss": loss}), LIMITS)) == "learning"
+
+
+def test_a_loss_that_ends_no_lower_than_it_started_is_stalled_whatever_the_last_half_did():
+    loss = [1.0, 3.0, 3.0, 3.0, 2.0, 1.5, 1.2, 1.1, 1.05, 1.0]
+    assert found({"train/loss": loss})["stalled"] == [
+        Finding("stalled", 0, "loss", "loss 1 at step 0 -> 1.05 at the end (median of the last 3 logged steps): "
+                                      "no lower than at the start")]
+
+
+def test_one_logged_loss_is_too_short_to_judge():
+    assert diagnose(frame({"train/loss": [1.0]}), LIMITS) == []
+    assert verdict([]) == NO_VERDICT == "too_short"
 
 
 def test_converged_relative_to_the_step_zero_loss():
     limits = Thresholds(**{**LIMITS.__dict__, "converge_below": 0.01, "converge_relative": True})
-    result = found({"train/loss": [4.0, 1.0, 0.04, 0.03]}, limits)
+    result = found({"train/loss": [4.0, 1.0, 0.04, 0.03, 0.03]}, limits)
     assert result["converged"][0].step == 2
     assert "at or below 0.04 (0.01 x the step-0 loss)" in result["converged"][0].detail
 
@@ -204,18 +236,25 @@ def test_verdict_order():
     every = [Finding(code, 0, "x", "") for code in reversed(VERDICT_ORDER)]
     for i, code in enumerate(VERDICT_ORDER):
         assert verdict([f for f in every if f.code not in VERDICT_ORDER[:i]]) == code
-    assert verdict([]) == NO_VERDICT == "none"
+    assert verdict([]) == NO_VERDICT
     assert VERDICT_ORDER == ("diverged", "dead_layer", "vanishing_gradients", "exploding_gradients",
-                             "dying_relu", "converged", "stalled")
+                             "dying_relu", "converged", "stalled", "learning")
 
 
-def test_codes_headline_and_markdown():
+def test_codes_words_and_markdown():
     findings = [Finding("dead_layer", 0, "1", "layer 1: all units dead from step 0 (1 at step 0)"),
                 Finding("dead_layer", 0, "3", "layer 3: all units dead from step 0 (1 at step 0)"),
                 Finding("stalled", 50, "loss", "flat")]
     assert codes(findings) == "dead_layer,stalled"
-    assert headline(findings) == "dead_layer (layer 1: all units dead from step 0 (1 at step 0))"
-    assert headline([]) == "none"
+    record = {"verdict": verdict(findings), "steps": 60, "findings": [f.as_dict() for f in findings],
+              "final_loss": float("inf"), "accuracy_final": 0.875, "dead_fraction_final": 1.0,
+              "dead_fraction_layers": {"1": 1.0, "3": 1.0}}
+    assert in_words(record) == (
+        "dead_layer after 60 steps: a ReLU layer died: every unit outputs 0, so nothing below it learns "
+        "(layer 1: all units dead from step 0 (1 at step 0)); final loss nan, accuracy 87.5%, "
+        "100% of ReLU units dead (layer 1: 100%)")
+    assert in_words({"steps": 1, "final_loss": None}) == (
+        "too_short after 1 steps: too few steps logged to judge; final loss nan")
     text = as_markdown(findings)
     assert text.splitlines()[0] == "**verdict: dead_layer**"
     assert "- `stalled` at step 50 (loss): flat" in text
@@ -349,9 +388,9 @@ def test_reading_all_tags_or_only_the_diagnosis_tags_finds_the_same(run_dir):
 
 
 @pytest.mark.parametrize("lr", ["0.001"])
-def test_slow_linear_progress_is_not_stalled(run_dir, lr):
+def test_slow_linear_progress_is_learning_not_stalled(run_dir, lr):
     findings = fate([*LINE, f"optimizer.lr={lr}"], run_dir)
-    assert codes(findings) == ""
+    assert codes(findings) == "learning"
 
 
 def test_what_happened_names_the_settings_and_what_they_share():

@@ -39,17 +39,24 @@ def _scalars(rows: list[tuple[int, str, float]]) -> Scalars:
 
 def test_outcome_from_hand_built_scalars():
     rows = [(s, tags.LOSS, v) for s, v in enumerate([4.0, 0.5, 0.25, 0.3])]
+    rows += [(s, tags.ACCURACY, v) for s, v in enumerate([0.1, 0.5, 0.75, 1.0])]
     rows += [(0, "act/1/dead_fraction", 0.25), (0, "act/3/dead_fraction", 0.75),
              (3, "act/1/dead_fraction", 0.5), (3, "act/3/dead_fraction", 0.0), (3, tags.GLOBAL_NORM, 2.5),
              (3, "grad/0.weight/nonfinite", 0.0)]
     outcome = outcome_of(_scalars(rows), converge_below=0.5)
+    # The end is the last 3 logged steps: loss median 0.3, accuracy mean 0.75.
     assert outcome == Outcome(steps=4, final_loss=0.3, min_loss=0.25, steps_to_converge=1, converged=True,
                               diverged=False, dead_fraction_final=0.25, dead_fraction_max=0.5,
-                              grad_global_norm_final=2.5,
+                              grad_global_norm_final=2.5, accuracy_final=0.75,
                               layers={"dead_fraction_final/1": 0.5, "dead_fraction_max/1": 0.5,
                                       "dead_fraction_final/3": 0.0, "dead_fraction_max/3": 0.75})
     assert outcome_of(_scalars(rows), converge_below=0.1, relative=True).steps_to_converge == 2  # 0.1 x 4
-    assert Outcome.hparam_names() == ["final_loss", "min_loss", "steps_to_converge", "dead_fraction_final"]
+    # Below 0.28 at step 2 only: the end (0.3) is above it, so not converged, though it got there once.
+    touched = outcome_of(_scalars(rows), converge_below=0.28)
+    assert (touched.steps_to_converge, touched.converged) == (2, False)
+    assert Outcome.hparam_names() == ["final_loss", "min_loss", "steps_to_converge", "dead_fraction_final",
+                                      "accuracy_final"]
+    assert outcome.record()["dead_fraction_layers"] == {"1": 0.5, "3": 0.0}
 
 
 def test_outcome_of_a_diverged_curve_is_strict_in_run_json_and_nan_in_the_table():
@@ -58,6 +65,7 @@ def test_outcome_of_a_diverged_curve_is_strict_in_run_json_and_nan_in_the_table(
     assert outcome.diverged and not outcome.converged and outcome.min_loss == 1.0
     assert outcome.record()["final_loss"] is None and outcome.record()["dead_fraction_final"] is None
     assert math.isinf(outcome.row()["final_loss"]) and math.isnan(outcome.row()["grad_global_norm_final"])
+    assert math.isnan(outcome.hparams_metrics()["final_loss"])  # NaN in HParams, never Infinity
     assert outcome.value == math.inf
     json.dumps(outcome.record(), allow_nan=False)
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gradwatch.config.checks import check_config
-from gradwatch.config.errors import ConfigError
+from gradwatch.config.errors import ConfigError, first_line
 from gradwatch.training.data import TensorBatches
 from gradwatch.training.models import apply_init, init_scheme
 
@@ -112,11 +112,6 @@ _TORCH_WORDS = {"learning rate": "lr", "epsilon": "eps", "beta": "betas"}
 _TORCH_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 def _optimizer_key(err: BaseException, node: dict) -> str:
     """The optimizer key torch's message names ("Invalid momentum value" -> momentum), else ""."""
     text = str(err).lower()
@@ -140,7 +135,7 @@ def check_one_step(model: nn.Module, loss_fn: nn.Module, optimizer: Callable, ba
         key = _optimizer_key(err, optimizer_node)
         value = optimizer_node[key] if key else name
         return ConfigError(f"optimizer.{key}" if key else "optimizer", value,
-                           f"a value {name} accepts ({_first_line(err)})")
+                           f"a value {name} accepts ({first_line(err)})")
 
     probe = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
@@ -155,7 +150,7 @@ def check_one_step(model: nn.Module, loss_fn: nn.Module, optimizer: Callable, ba
                 out_shape = list(probe(x).shape)
         except _TORCH_ERRORS as err:
             raise ConfigError("model", type(model).__name__,
-                              f"a model of the dataset's inputs {list(x.shape)} ({_first_line(err)})") from err
+                              f"a model of the dataset's inputs {list(x.shape)} ({first_line(err)})") from err
 
         def closure() -> torch.Tensor:
             # What Lightning hands optimizer.step, so optimizers that need one (LBFGS) pass too.
@@ -168,7 +163,7 @@ def check_one_step(model: nn.Module, loss_fn: nn.Module, optimizer: Callable, ba
             closure()
         except _TORCH_ERRORS as err:
             shapes = f"the model's output {out_shape} and the dataset's targets {list(y.shape)}"
-            raise ConfigError("loss", type(loss_fn).__name__, f"a loss of {shapes} ({_first_line(err)})") from err
+            raise ConfigError("loss", type(loss_fn).__name__, f"a loss of {shapes} ({first_line(err)})") from err
         try:
             step.step(closure)
         except _TORCH_ERRORS as err:

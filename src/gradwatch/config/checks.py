@@ -45,6 +45,16 @@ def _or_null(rule: Rule, meaning: str = "") -> Rule:
     return check
 
 
+def _at_least_one_or_none(meaning: str) -> Rule:
+    # Lightning's -1 means "no limit"; 0 would train nothing and still end as a run.
+    def check(key: str, value: object) -> object:
+        if not (is_number(value) and isinstance(value, int) and value == -1):
+            check_int(key, value, 1, f"an integer >= 1, or -1 (no limit: {meaning})")
+        return value
+
+    return check
+
+
 def _true_false_or_warn(key: str, value: object) -> object:
     # Lightning's `deterministic` also takes "warn": deterministic where torch can, a warning elsewhere.
     if not isinstance(value, bool) and value != "warn":
@@ -63,6 +73,7 @@ def _betas(key: str, value: object) -> object:
 # dataset, optimizer, model.
 RULES: dict[str, Rule] = {
     "seed": _integer(0, maximum=MAX_SEED),
+    "threads": _integer(1),
     "checkpoint.every_n_steps": _integer(1),
     "log.flush_every_n_steps": _integer(1),
     "log.flush_every_s": _number(0),
@@ -72,8 +83,8 @@ RULES: dict[str, Rule] = {
     "telemetry.every_n_steps": _integer(1),
     "telemetry.activations": check_bool,
     "telemetry.histograms_every_n_steps": _integer(0, "an integer >= 0 (0: never)"),
-    "trainer.max_steps": _integer(-1, "an integer >= -1 (-1: no limit)"),
-    "trainer.max_epochs": _or_null(_integer(-1, "an integer >= -1 (-1: no limit)")),
+    "trainer.max_steps": _at_least_one_or_none("trainer.max_epochs decides"),
+    "trainer.max_epochs": _or_null(_at_least_one_or_none("trainer.max_steps decides")),
     "trainer.gradient_clip_val": _or_null(_number(0), " (no clipping)"),
     "trainer.deterministic": _true_false_or_warn,
     "trainer.enable_progress_bar": check_bool,

@@ -15,6 +15,25 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value} is not valid: allowed is {allowed}")
 
 
+def first_line(err: BaseException) -> str:
+    """`Type: first line` of an error, the one line a user sees of it; for Hydra's instantiate
+    errors, of the error behind them (`calling <target>: Type: line`).
+
+    >>> first_line(ValueError("bad value\\n  details")), first_line(OSError("Error loading 'x':\\n\\nno such file"))
+    ('ValueError: bad value', "OSError: Error loading 'x': no such file")
+    """
+    from hydra.errors import InstantiationException
+
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        target = str(err).split("'")[1] if str(err).count("'") >= 2 else "a _target_"
+        return f"calling {target}: {first_line(err.__cause__)}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Error loading 'x':" says why on its last line
+        text = f"{text} {lines[-1]}"
+    return f"{type(err).__name__}: {text}".rstrip(": ")
+
+
 def is_number(value: object) -> bool:
     """An int or float from a config (YAML booleans are ints to Python, and are not numbers here)."""
     return isinstance(value, int | float) and not isinstance(value, bool)

@@ -3,14 +3,13 @@
 Pure functions over the long DataFrame `read_metrics(run_dir)` returns (`step`, `tag`, `value`), so
 the run's end and `scripts/summarize.py` call the same `diagnose` and always agree.
 
-    >>> metrics = pd.DataFrame({"step": [0, 1, 2], "tag": "train/loss", "value": [4.0, 1e-2, 1e-4]})
+    >>> metrics = pd.DataFrame({"step": [0, 1, 2, 3], "tag": "train/loss", "value": [4.0, 1e-2, 1e-4, 2e-4]})
     >>> [f.code for f in diagnose(metrics, Thresholds(converge_below=1e-3))]
     ['converged']
-    >>> verdict(diagnose(metrics, Thresholds(converge_below=1e-3)))
-    'converged'
+    >>> verdict(diagnose(metrics, Thresholds(converge_below=1e-5)))
+    'learning'
 """
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,19 +20,32 @@ import pandas as pd
 from gradwatch.config.cli import CONF_DIR
 from gradwatch.storage.files import read_yaml
 from gradwatch.storage.paths import RunPaths
-from gradwatch.summary.outcome import converge_threshold, steps_to_converge
+from gradwatch.summary.numbers import format_number, is_finite
+from gradwatch.summary.outcome import converge_threshold, end_window, loss_at_end, steps_to_converge
 from gradwatch.telemetry import tags
 
-# The verdict is the first of these a run has; a run with none has NO_VERDICT.
+# The verdict is the first of these a run has. Every run with two logged losses has one: when
+# nothing else holds the loss either improved (`learning`) or did not (`stalled`). A run with
+# fewer has NO_VERDICT.
 VERDICT_ORDER = ("diverged", "dead_layer", "vanishing_gradients", "exploding_gradients", "dying_relu",
-                 "converged", "stalled")
-NO_VERDICT = "none"
+                 "converged", "stalled", "learning")
+NO_VERDICT = "too_short"
+
+# Each verdict in words, for the run's last console line.
+VERDICT_WORDS = {
+    "diverged": "the run diverged: a loss or gradient went non-finite",
+    "dead_layer": "a ReLU layer died: every unit outputs 0, so nothing below it learns",
+    "vanishing_gradients": "gradients vanish before they reach the first layer",
+    "exploding_gradients": "gradients exploded",
+    "dying_relu": "ReLU units are dying",
+    "converged": "the loss ended below the convergence threshold",
+    "stalled": "the loss stopped improving",
+    "learning": "the loss is still falling, not yet below the convergence threshold",
+    NO_VERDICT: "too few steps logged to judge",
+}
 
 # A layer counts as dead on a step when its dead fraction is 1 up to float rounding.
 _ALL = 1.0 - 1e-9
-# Window (a tenth of the logged steps, at least 3) whose median stands for "the end" or "the
-# middle" of a noisy per-batch curve, so that one batch does not decide.
-_WINDOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,8 @@ def diagnose(metrics: pd.DataFrame, thresholds: Thresholds | None = None,
     if end is None:
         converged = _converged(curves, limits)
         found += converged or _stalled(curves, limits.stall_improvement)
+        if not found:
+            found += _learning(curves, limits)
     return found
 
 
@@ -167,7 +181,7 @@ def divergence(metrics: "pd.DataFrame | Curves") -> Finding | None:
 
 
 def verdict(findings: Sequence[Finding]) -> str:
-    """The first code of VERDICT_ORDER among the findings, or `none`."""
+    """The first code of VERDICT_ORDER among the findings, or NO_VERDICT."""
     present = {f.code for f in findings}
     return next((code for code in VERDICT_ORDER if code in present), NO_VERDICT)
 
@@ -177,17 +191,35 @@ def codes(findings: Sequence[Finding]) -> str:
     return ",".join(dict.fromkeys(f.code for f in findings))
 
 
-def headline(findings: Sequence[Finding]) -> str:
-    """The verdict with its evidence, for a console line: `dead_layer (layer 1: all units dead ...)`."""
-    name = verdict(findings)
-    first = next((f for f in findings if f.code == name), None)
-    return name if first is None else f"{name} ({first.detail})"
+def in_words(record: Mapping) -> str:
+    """What a run did, in words, from its run.json fields: the verdict, what it means, its evidence,
+    then the final loss, the accuracy (classification) and the dead ReLU units (when there are any).
+
+    >>> in_words({"verdict": "stalled", "steps": 200, "final_loss": 0.69, "accuracy_final": None,
+    ...           "findings": [{"code": "stalled", "detail": "flat"}],
+    ...           "dead_fraction_final": 0.28, "dead_fraction_layers": {"1": 0.19, "3": 0.375}})
+    'stalled after 200 steps: the loss stopped improving (flat); final loss 0.69, 28% of ReLU units dead (layer 3: 38%)'
+    """
+    name = record.get("verdict") or NO_VERDICT
+    evidence = next((f.get("detail") for f in record.get("findings") or []
+                     if isinstance(f, Mapping) and f.get("code") == name), None)
+    words = VERDICT_WORDS.get(name, name)
+    facts = [f"final loss {format_number(record.get('final_loss'))}"]
+    if is_finite(record.get("accuracy_final")):
+        facts.append(f"accuracy {record['accuracy_final']:.1%}")
+    dead, layers = record.get("dead_fraction_final"), record.get("dead_fraction_layers") or {}
+    if is_finite(dead) and dead > 0:
+        worst = max(layers, key=lambda k: layers[k] if is_finite(layers[k]) else -1, default=None)
+        which = f" (layer {worst}: {layers[worst]:.0%})" if len(layers) > 1 and is_finite(layers[worst]) else ""
+        facts.append(f"{dead:.0%} of ReLU units dead{which}")
+    return (f"{name} after {record.get('steps', 0)} steps: {words}{f' ({evidence})' if evidence else ''}; "
+            + ", ".join(facts))
 
 
 def as_markdown(findings: Sequence[Finding]) -> str:
     """The findings as Markdown lines (TensorBoard's text plugin renders them)."""
     if not findings:
-        return f"**verdict: {NO_VERDICT}** (nothing held)"
+        return f"**verdict: {NO_VERDICT}** ({VERDICT_WORDS[NO_VERDICT]})"
     lines = [f"**verdict: {verdict(findings)}**", ""]
     lines += [f"- `{f.code}` at step {f.step} ({f.where}): {f.detail}" for f in findings]
     return "\n".join(lines)
@@ -278,10 +310,6 @@ def _dead_layers(curves: Curves, end: int | None, units: Mapping[str, int]) -> l
     return found
 
 
-def _window(n: int) -> int:
-    return min(n, max(3, math.ceil(n * _WINDOW)))
-
-
 def _dying(curves: Curves, end: int | None, rise: float, dead_layers: set[str]) -> list[Finding]:
     """Layers whose dead fraction at the end (median over the last tenth of the logged steps)
     is at least `rise` above its first logged value; a layer already found dead is not repeated."""
@@ -292,7 +320,7 @@ def _dying(curves: Curves, end: int | None, rise: float, dead_layers: set[str]) 
         steps, dead = curves.get(tags.act(layer, "dead_fraction"), before=end)
         if len(dead) < 2:
             continue
-        final = float(np.median(dead[-_window(len(dead)):]))
+        final = float(np.median(dead[-end_window(len(dead)):]))
         if final - dead[0] < rise:
             continue
         since = int(steps[np.argmax(dead - dead[0] >= rise)]) if (dead - dead[0] >= rise).any() else int(steps[-1])
@@ -353,28 +381,63 @@ def _exploding(curves: Curves, end: int | None, factor: float) -> list[Finding]:
     return [Finding("exploding_gradients", step, where, detail)]
 
 
+def _threshold(loss: np.ndarray, limits: Thresholds) -> tuple[float, str]:
+    """The convergence threshold of this curve, and how it was set (for a relative one)."""
+    threshold = converge_threshold(float(loss[0]), limits.converge_below, limits.converge_relative)
+    return threshold, f" ({limits.converge_below:g} x the step-0 loss)" if limits.converge_relative else ""
+
+
+def _end(steps: np.ndarray) -> str:
+    n = end_window(len(steps))
+    return f"the end (median of the last {n} logged steps)" if n > 1 else f"step {int(steps[-1])}"
+
+
 def _converged(curves: Curves, limits: Thresholds) -> list[Finding]:
+    """The loss ended at or below the threshold (`outcome.ended_below`); step = the first step it got there."""
     steps, loss = curves.get(tags.LOSS)
     step = steps_to_converge(steps, loss, limits.converge_below, limits.converge_relative)
     if step is None:
         return []
-    threshold = converge_threshold(float(loss[0]), limits.converge_below, limits.converge_relative)
-    relative = f" ({limits.converge_below:g} x the step-0 loss)" if limits.converge_relative else ""
-    value = float(loss[np.searchsorted(steps, step)])
-    detail = f"loss {_g(value)} at step {step}, at or below {_g(threshold)}{relative}"
+    threshold, relative = _threshold(loss, limits)
+    at_end = loss_at_end(loss)
+    if not at_end <= threshold:
+        return []
+    first = float(loss[np.searchsorted(steps, step)])
+    detail = (f"loss {_g(at_end)} at {_end(steps)}, at or below {_g(threshold)}{relative}; "
+              f"first there at step {step} ({_g(first)})")
     return [Finding("converged", step, "loss", detail)]
+
+
+def _learning(curves: Curves, limits: Thresholds) -> list[Finding]:
+    """Nothing else held and the loss ended lower than it started: the run is learning."""
+    steps, loss = curves.get(tags.LOSS)
+    if len(loss) < 2:
+        return []
+    at_end = loss_at_end(loss)
+    threshold, relative = _threshold(loss, limits)
+    reached = steps_to_converge(steps, loss, limits.converge_below, limits.converge_relative)
+    where = (f"was at or below {_g(threshold)}{relative} at step {reached} but did not stay there"
+             if reached is not None else f"not yet at or below {_g(threshold)}{relative}")
+    detail = (f"loss {_g(float(loss[0]))} at step {int(steps[0])} -> {_g(at_end)} at {_end(steps)}, "
+              f"{1 - at_end / float(loss[0]):.1%} lower; {where}")
+    return [Finding("learning", int(steps[-1]), "loss", detail)]
 
 
 def _stalled(curves: Curves, improvement: float) -> list[Finding]:
     """Loss at the middle of the run against the end (medians over a tenth of the logged steps
-    each, so minibatch noise does not decide): relative improvement under `improvement`."""
+    each, so minibatch noise does not decide): relative improvement under `improvement`; or a
+    loss that ended no lower than it started, however it moved in between."""
     steps, loss = curves.get(tags.LOSS)
     if len(loss) < 2:
         return []
-    w = _window(len(loss))
+    w = end_window(len(loss))
     middle = int(np.searchsorted(steps, steps[0] + (steps[-1] - steps[0]) / 2))
     at_middle = float(np.median(loss[max(0, middle - w + 1):middle + 1]))
     at_end = float(np.median(loss[-w:]))
+    if not at_end < float(loss[0]):
+        detail = (f"loss {_g(float(loss[0]))} at step {int(steps[0])} -> {_g(at_end)} at {_end(steps)}: "
+                  "no lower than at the start")
+        return [Finding("stalled", int(steps[0]), "loss", detail)]
     if not at_middle > 0:
         return []
     gained = (at_middle - at_end) / at_middle

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from gradwatch.config.errors import ConfigError, check_int
+from gradwatch.config.errors import ConfigError, check_int, first_line
 from gradwatch.storage.paths import RunPaths
 
 
@@ -64,8 +64,7 @@ def read_checkpoint(path: Path, value: str | None = None) -> dict:
         int(checkpoint["global_step"])
         checkpoint["state_dict"].items()
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"[:120]
+        reason = first_line(err)[:120]
         raise ConfigError("ckpt_path", value or str(path), f"a checkpoint written by gradwatch ({reason})") from None
     return checkpoint
 

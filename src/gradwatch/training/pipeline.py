@@ -18,19 +18,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.config.build import build, call_target
-from gradwatch.config.errors import ConfigError, is_number
+from gradwatch.config.errors import ConfigError, first_line, is_number
 from gradwatch.config.overrides import override_values, readable
 from gradwatch.storage.files import write_atomic
 from gradwatch.storage.paths import RunPaths
 from gradwatch.storage.record import RunRecord, read_run
 from gradwatch.summary import findings as fx
-from gradwatch.summary import sweep
 from gradwatch.summary.outcome import Outcome
 from gradwatch.summary.results import RunResults, read_results
 from gradwatch.telemetry import tags
@@ -129,6 +127,29 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def set_threads(threads: int) -> None:
+    """torch's CPU threads for this process, whatever OMP_NUM_THREADS says: a float sum split over
+    more threads rounds differently, so the thread count is part of what decides a run's numbers."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        pass  # torch allows it once, before any inter-op work (a second run in one process); it changes no number
+
+
+def environment(trainer: pl.Trainer) -> dict:
+    """What decides a run's numbers besides its config: run.json's `environment`."""
+    device = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "torch": torch.__version__, "lightning": pl.__version__,
+            "device": str(device) if name is None else f"{device} ({name})", "processes": trainer.world_size,
+            "precision": str(trainer.precision),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
 def relu_widths(model: torch.nn.Module) -> dict[str, int]:
     """{ReLU layer: its unit count} where the module just before it in its container says
     (`out_features`, `out_channels`), for the findings' `16 of 16 units dead`."""
@@ -155,18 +176,6 @@ def _telemetry(cfg: DictConfig, recorder: StepRecorder):
         return call_target(node, recorder=recorder)
     except ConfigError as err:
         raise ConfigError(f"telemetry.{err.key}", err.value, err.allowed) from None
-
-
-def first_line(err: BaseException) -> str:
-    """`Type: first line` of an error; for Hydra's instantiate errors, of the error behind them."""
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        target = str(err).split("'")[1] if str(err).count("'") >= 2 else "a _target_"
-        return f"calling {target}: {first_line(err.__cause__)}"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if text.endswith(":") and len(lines) > 1:  # "Error loading 'x':" says why on its last line
-        text = f"{text} {lines[-1]}"
-    return f"{type(err).__name__}: {text}"
 
 
 def _check_processes(cfg: DictConfig, multirun: bool, samples: int, batch_size: int) -> None:
@@ -223,6 +232,7 @@ class _Prepared:
 def _prepare(cfg: DictConfig, paths: RunPaths, multirun: bool, sigterm: "SigtermGuard") -> _Prepared:
     """Everything the fit needs, checked; writes nothing."""
     parts = build(cfg)  # every scalar key checked first (config.checks.check_config)
+    set_threads(cfg.threads)
     _check_processes(cfg, multirun, len(parts.x), parts.batches.batch_size)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, paths.root)
     resume_step = None
@@ -258,8 +268,6 @@ def run(cfg: DictConfig) -> RunResult:
         previous = None
     record = RunRecord(paths.root, overrides, cfg.get("seed"), enabled=is_rank_zero())
     quiet_lightning()
-    if multirun:
-        torch.set_num_threads(max(1, int(os.environ.get(sweep.THREADS_ENV, torch.get_num_threads()))))
 
     with SigtermGuard() as sigterm:
         try:
@@ -329,7 +337,7 @@ def _fit(prepared: _Prepared, record: RunRecord, sigterm: SigtermGuard):
     trainer = prepared.trainer
     started = time.perf_counter()
     try:
-        record.write(status="running")
+        record.write(status="running", environment=environment(trainer))
         trainer.fit(prepared.module, train_dataloaders=prepared.batches, ckpt_path=prepared.ckpt_path,
                     weights_only=True)
         if prepared.stop.signal is not None:  # a distributed run, stopped together at a step's end
