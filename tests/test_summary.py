@@ -1,5 +1,7 @@
 """The summariser on folders of real runs, in-process."""
 
+import csv
+import math
 import os
 import subprocess
 import sys
@@ -8,16 +10,15 @@ import pandas as pd
 import pytest
 
 from gradwatch.summary.findings import Thresholds, diagnose_run
-from gradwatch.summary.table import configured_thresholds, readable_grouped, summarize, write_summary
+from gradwatch.summary.table import readable_grouped, summarize, write_summary
 
-from conftest import REPO, strict_json, train
+from conftest import REPO, read_tb, strict_json, train
 
 
 @pytest.mark.slow  # starts scripts/summarize.py
 def test_summarize_uses_each_runs_own_convergence_threshold(tmp_path):
     for name, below in (("0_a", 0.99), ("1_b", 1e-9)):
         train([f"summary.converge_below={below}", "trainer.max_steps=20"], tmp_path / name)
-    assert configured_thresholds(tmp_path / "0_a" / ".hydra" / "config.yaml") == (0.99, False)
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -79,6 +80,36 @@ def test_grouped_view_counts_verdicts_and_summary_md_says_what_happened(fates):
     happened = text.split("## What happened\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert happened == ["- **Runs diverged** in 1 of 2 settings (1 of 3 runs): optimizer.lr=0.2 (1/1).",
                         "- Nowhere: ReLUs died, gradients vanished, gradients exploded, the loss stalled."]
+
+
+def per_run_table(text: str) -> list[list[str]]:
+    """The cells of summary.md's per-run table (header first, the separator row left out)."""
+    section = text.split("## Per run\n\n", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for i, row in enumerate(rows) if i != 1]
+
+
+def test_a_nonfinite_or_missing_number_is_nan_in_csv_and_markdown_null_in_run_json_nan_in_hparams(fates):
+    write_summary(fates)
+    record = strict_json(fates / "2_c" / "run.json")
+    assert record["status"] == "diverged" and record["final_loss"] is None
+    assert math.isnan(read_tb(fates / "2_c")["hparams/final_loss"][record["steps"]])
+    with open(fates / "summary.csv", newline="") as handle:
+        rows = {row["run_dir"]: row for row in csv.DictReader(handle)}
+    assert rows["2_c"]["final_loss"] == "nan" and rows["0_a"]["steps_to_converge"] != "nan"
+    assert rows["0_a"]["dead_fraction_final"] == "nan"  # a linear model has no ReLU
+    text = (fates / "summary.md").read_text()
+    assert "inf" not in text and "| -" not in text
+    header, *cells = per_run_table(text)
+    # Narrow: the run's number, the swept key, the seed and what people compare (a linear model has no
+    # dead fraction, a regression no accuracy); status because one run did not complete.
+    assert header == ["run", "optimizer.lr", "seed", "status", "verdict", "final_loss", "min_loss",
+                      "steps_to_converge", "wall_s"]
+    table = {row[0]: dict(zip(header, row, strict=True)) for row in cells}
+    assert set(table) == {"0", "1", "2"}
+    assert (table["2"]["status"], table["2"]["verdict"], table["2"]["final_loss"]) == ("diverged", "diverged", "nan")
+    first = min(step for step, loss in read_tb(fates / "0_a")["train/loss"].items() if loss <= 1e-3)
+    assert int(table["0"]["steps_to_converge"]) == first
 
 
 def test_an_explicit_convergence_threshold_applies_to_the_findings_too(fates):

@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 from gradwatch.config.overrides import override_values
 from gradwatch.storage.files import YAML_LOADER, read_yaml, write_atomic
-from gradwatch.storage.paths import RunPaths
+from gradwatch.storage.paths import SUMMARY_CSV, SUMMARY_MD, RunPaths
 from gradwatch.storage.record import read_run
 from gradwatch.summary import findings as fx
+from gradwatch.summary import numbers
 from gradwatch.summary.outcome import Outcome, natural_key
 from gradwatch.summary.results import read_results
 from gradwatch.telemetry import tags
@@ -34,7 +35,7 @@ GROUPED_METRICS = ["final_loss", "min_loss", "steps_to_converge", "converged", "
                    "dead_fraction_final", "dead_fraction_max", "wall_s"]
 NOT_SWEPT = {"seed", "ckpt_path"}
 
-CSV_FILE, MARKDOWN_FILE, REPORT_FILE = "summary.csv", "summary.md", "report.png"
+CSV_FILE, MARKDOWN_FILE = SUMMARY_CSV, SUMMARY_MD
 
 
 @dataclass
@@ -52,18 +53,6 @@ class Summary:
     @property
     def failed(self) -> list[str]:
         return self.runs.loc[self.runs["status"].isin(["failed", "interrupted"]), "run_dir"].tolist()
-
-
-def configured_thresholds(path: Path) -> tuple[float | None, bool | None]:
-    """`summary.converge_below` and `summary.converge_relative` from a config file (a run's
-    .hydra/config.yaml, a sweep's multirun.yaml, conf/train.yaml); None for what it does not say."""
-    try:
-        summary = (read_yaml(Path(path)) or {}).get("summary") or {}
-        below, relative = summary.get("converge_below"), summary.get("converge_relative")
-        return (None if below is None else float(below)), (None if relative is None else bool(relative))
-    except (ValueError, TypeError, AttributeError):
-        return None, None
-
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -298,8 +287,8 @@ def summarize(folder: Path, converge_below: float | None = None, relative: bool 
 
 def _mean_std(grouped: pd.DataFrame, metric: str) -> pd.Series:
     mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"]
-    text = ["-" if pd.isna(m) else f"{m:.4g}" if pd.isna(s) else f"{m:.4g} ± {s:.2g}"
-            for m, s in zip(mean, std, strict=True)]
+    text = [numbers.format_number(m) if not numbers.is_finite(s) or not numbers.is_finite(m)
+            else f"{m:.4g} ± {s:.2g}" for m, s in zip(mean, std, strict=True)]
     return pd.Series(text, index=grouped.index)
 
 
@@ -309,16 +298,49 @@ def readable_grouped(summary: Summary) -> pd.DataFrame:
     keys = [c for c in grouped.columns if c in summary.swept or c == "setting"]
     table = grouped[keys + ["runs"]].copy()
     for metric in ("final_loss", "min_loss", "steps_to_converge", "dead_fraction_final", "dead_fraction_max"):
-        if f"{metric}_mean" in grouped:
+        if f"{metric}_mean" in grouped and grouped[f"{metric}_mean"].notna().any():  # a linear model: no ReLU
             table[metric] = _mean_std(grouped, metric)
     for rate in ("converged", "diverged"):
         if f"{rate}_mean" in grouped:
-            table[rate] = [f"{v:.0%}" for v in grouped[f"{rate}_mean"]]
+            table[rate] = [f"{v:.0%}" if numbers.is_finite(v) else numbers.MISSING for v in grouped[f"{rate}_mean"]]
     counts = [c for c in grouped.columns if c.startswith("verdict_")]
     if counts:  # `converged 2, dead_layer 1`: the runs of the setting per verdict
         names = [c.removeprefix("verdict_") for c in counts]
         table["verdicts"] = [", ".join(f"{name} {int(n)}" for name, n in zip(names, row, strict=True) if n)
                              for row in grouped[counts].itertuples(index=False)]
+    return table
+
+
+# The per-run table of summary.md, narrow enough for a terminal: the run's number for its folder
+# (the swept values have their own columns) and the results people compare; summary.csv has all.
+RUN_TABLE = ["status", "verdict", "final_loss", "min_loss", "steps_to_converge", "dead_fraction_final",
+             "accuracy_final", "wall_s"]
+
+
+def short_name(run_dir: str) -> str:
+    """A run's name in summary.md: the job number of `<n>_<overrides>`, else the folder as it is.
+
+    >>> short_name("007_model=mlp,optimizer.lr=0.1"), short_name("a/b")
+    ('007', 'a/b')
+    """
+    head = str(run_dir).split("_", 1)[0]
+    return head if head.isdigit() else str(run_dir)
+
+
+def readable_runs(summary: Summary) -> pd.DataFrame:
+    """The per-run table for people: `run` (short), the swept keys, seed, then RUN_TABLE's columns
+    that hold something (accuracy only for classification, status only when a run did not complete)."""
+    runs = summary.runs
+    table = pd.DataFrame({"run": runs["run_dir"].map(short_name)})
+    for key in [*summary.swept, "seed"]:
+        if key in runs:
+            table[key] = runs[key].map(lambda v: v if not isinstance(v, list) else str(v))
+    for column in RUN_TABLE:
+        if column not in runs or runs[column].isna().all():
+            continue
+        if column == "status" and (runs[column] == "completed").all():
+            continue
+        table[column] = runs[column]
     return table
 
 
@@ -332,8 +354,9 @@ def to_markdown(summary: Summary, folder: Path) -> str:
     if happened:
         lines += ["## What happened", "", *happened, ""]
     lines += ["## Per setting (mean and std over seeds)", "",
-              readable_grouped(summary).to_markdown(index=False) if len(summary.grouped) else "(none)", "",
-              "## Per run", "", summary.runs.drop(columns=["error"]).to_markdown(index=False, floatfmt=".6g"), ""]
+              numbers.to_markdown(readable_grouped(summary)) if len(summary.grouped) else "(none)", "",
+              "## Per run", "", f"Every column, with the full run folder names, in {CSV_FILE}.", "",
+              numbers.to_markdown(readable_runs(summary)), ""]
     return "\n".join(lines)
 
 
@@ -345,7 +368,7 @@ def write_summary(folder: Path, converge_below: float | None = None, relative: b
 
     folder = Path(folder)
     summary = summarize(folder, converge_below, relative)
-    write_atomic(folder / CSV_FILE, summary.runs.to_csv(index=False).encode())
+    write_atomic(folder / CSV_FILE, numbers.to_csv(summary.runs).encode())
     write_atomic(folder / MARKDOWN_FILE, to_markdown(summary, folder).encode())
     pngs = render_reports(summary, summary.metrics) if len(summary.runs) else {}
     for name, png in pngs.items():
