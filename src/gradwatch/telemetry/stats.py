@@ -41,10 +41,16 @@ _EXPONENT = {torch.float32: (torch.int32, 0x7F800000, 2.0**-126, 2.0**127),
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 HOST_KERNELS = True  # use gradwatch.telemetry.kernels for float32 CPU tensors (when numba imports)
 _kernels = None  # the module once imported; False when numba is missing
+# Use gradwatch.telemetry.gpu (Triton's multi-tensor kernels) for CUDA tensors; and for the CPU
+# tensors the numba kernels do not take, when triton interprets (the tests' way to run them).
+DEVICE_KERNELS = True
+DEVICE_KERNELS_ON_CPU = False
+_gpu = None  # the module once imported; False when triton is missing or failed to run a kernel
 
 
 _SHAPE = operator.attrgetter("shape")
 _DTYPE_CPU = operator.attrgetter("dtype", "is_cpu")  # one pass over the tensors for both
+_DTYPE_DEVICE = operator.attrgetter("dtype", "device")
 _FLOAT32_CPU = {(torch.float32, True)}
 
 
@@ -60,6 +66,54 @@ def _host_kernels():
             kernels = None
         _kernels = kernels if kernels is not None and kernels.available() else False
     return _kernels or None
+
+
+def _device_kernels(tensor: torch.Tensor):
+    """`gradwatch.telemetry.gpu` when its kernels are to read `tensor` (CUDA, or the CPU when
+    DEVICE_KERNELS_ON_CPU and triton interprets), else None. Imported on first use: triton
+    loads in ~1 s, and a CPU run never needs it."""
+    global _gpu
+    if not DEVICE_KERNELS or not (tensor.is_cuda or DEVICE_KERNELS_ON_CPU and tensor.is_cpu):
+        return None
+    if _gpu is None:
+        from gradwatch.telemetry import gpu
+
+        _gpu = gpu if gpu.triton is not None else False
+    return _gpu if _gpu and _gpu.usable(tensor) else None
+
+
+def _device_plan(cached: tuple | None, tensors: Sequence[torch.Tensor], sizes: list[int], checked: bool,
+                 make: Callable) -> tuple[tuple | None, bool]:
+    """((key, plan), new): the device kernels' plan for these tensors, `cached` (a (key, plan)
+    pair) when their dtypes and device are its key, else `make(gpu, dtypes, device)` (new);
+    None where the kernels do not apply (no triton, a dtype they do not read, tensors on
+    several devices, or of other sizes). `checked`: the caller vouches for the sizes."""
+    gpu = _device_kernels(tensors[0])
+    if gpu is None:
+        return None, False
+    key = tuple(map(_DTYPE_DEVICE, tensors))
+    sized = checked or list(map(torch.Tensor.numel, tensors)) == sizes
+    if cached is not None and cached[0] == key:
+        return (cached if sized else None), False
+    device = tensors[0].device
+    if not sized or any(d not in gpu.DTYPES or v != device for d, v in key):
+        return None, False
+    return (key, make(gpu, [d for d, _ in key], device)), True
+
+
+def _first_launch(run: Callable, *args):
+    """`run(*args)`, or None after a warning if triton cannot build or run its kernels here (a
+    GPU without the compiler triton needs): the device kernels are then off for the process."""
+    global _gpu
+    try:
+        return run(*args)
+    except Exception as error:  # triton's compile and driver errors have no common base
+        import logging
+
+        logging.getLogger(__name__).warning("gradient statistics: Triton kernels unavailable (%s: %s); "
+                                            "using torch operations", type(error).__name__, error)
+        _gpu = False
+        return None
 
 
 def _host_addresses(tensors: Sequence[torch.Tensor], shapes: list, checked: bool = False) -> np.ndarray | None:
@@ -352,6 +406,8 @@ class GradientStats:
         self._host_sizes = np.asarray(self.sizes, dtype=np.int64) if min(self.sizes, default=0) > 0 else None
         self._host_tops = np.zeros(len(self.sizes), dtype=np.int32)
         self._host_out = np.zeros(len(self.sizes) * len(GRAD_STATS) + 1)
+        self._device: tuple | None = None  # (dtypes and device, gpu.GradientSums)
+        self._sizes = np.asarray(self.sizes, dtype=np.float64)
 
     def pending(self, grads: Sequence[torch.Tensor], checked: bool = False
                 ) -> tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]:
@@ -370,19 +426,40 @@ class GradientStats:
             else:
                 addresses = _host_addresses(grads, self.sizes)
         if addresses is None:
+            values = self._device_sums(grads, checked) if grads else None
+            if values is not None:
+                return values, self._finish_device
             return self.sums(grads), self.finish
         kernels.gradient_rows(addresses, self._host_sizes, self._host_tops, self._host_out)
         return self._host_out, None
 
+    def _device_sums(self, grads: Sequence[torch.Tensor], checked: bool) -> torch.Tensor | None:
+        """The multi-tensor kernels' raw sums (`gpu.GradientSums`), or None where they do not apply."""
+        entry, new = _device_plan(self._device, grads, self.sizes, checked,
+                                  lambda gpu, dtypes, device: gpu.GradientSums(self.sizes, dtypes, device))
+        if entry is None:
+            return None
+        if not new:
+            return entry[1](grads)
+        self._device = None  # the last layout's buffers go first
+        values = _first_launch(entry[1], grads)
+        self._device = None if values is None else entry
+        return values
+
+    def _finish_device(self, raw: np.ndarray) -> np.ndarray:
+        """`gpu.GradientSums`' sums on the host -> the rows of `__call__` flattened, then the global norm."""
+        return _gpu.finish_gradient_rows(raw, self._sizes)
+
     @torch.no_grad()
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         values, finish = self.pending(grads)
-        if finish is None:  # the CPU kernels' rows
+        if finish is None or finish == self._finish_device:  # finished on the host
+            values = values if finish is None else finish(values.cpu().numpy())
             rows = len(self.sizes)
             table = torch.zeros(rows + 1, len(GRAD_STATS), dtype=torch.float64)
             table[:rows] = torch.from_numpy(values[:-1]).view(rows, len(GRAD_STATS))
             table[rows, GRAD_STATS.index("norm")] = float(values[-1])
-            return table
+            return table if finish is None else table.to(grads[0].device)
         raw = values.double()
         device = raw.device
         n, root = torch.from_numpy(self._n).to(device), torch.from_numpy(self._root).to(device)
@@ -482,6 +559,7 @@ class UpdateRatio:
         # What `pending(..., carry=True)` kept: the weights after that step, for `before(reuse=True)`.
         self._carried: torch.Tensor | np.ndarray | None = None
         self._before_row = 0  # torch path: the row of the weights before in the (2, total) buffer
+        self._device: tuple | None = None  # (dtypes and device, gpu.UpdateNorms): kept by the device kernels
 
     def before(self, params: Sequence[torch.Tensor], reuse: bool = False) -> torch.Tensor | np.ndarray:
         """The weights kept for `pending`/`__call__` after the step; `reuse`: the copy the last
@@ -496,10 +574,28 @@ class UpdateRatio:
                 self._host_kept = np.zeros(int(self._host_sizes.sum()), dtype=np.float32)
             _host_kernels().keep(addresses, self._host_sizes, self._host_kept, self._host_before)
             return self._host_kept
+        kept = self._device_keep(params) if params else None
+        if kept is not None:
+            return kept
         self._before_row = 0
         with torch.no_grad():
             self.stacker.stacks(params, dtype=torch.float64, row=0)
         return self.stacker.buffer(params[0].device, torch.float64)[0]
+
+    def _device_keep(self, params: Sequence[torch.Tensor]):
+        """The weights copied in their own dtype by the device kernels' `gpu.UpdateNorms` (which
+        is `kept`), or None where they do not apply."""
+        entry, new = _device_plan(self._device, params, self.stacker.sizes, False,
+                                  lambda gpu, dtypes, device: gpu.UpdateNorms(self.stacker.sizes, dtypes, device))
+        if entry is None:
+            return None
+        kept = entry[1].keep(params)
+        if new:
+            self._device = None  # the last layout's copy of the weights goes first
+            if _first_launch(kept, params) is None:  # the kernels built and run once (they change nothing)
+                return None
+            self._device = entry
+        return kept
 
     def _param_addresses(self, params: Sequence[torch.Tensor]) -> np.ndarray | None:
         """The weights' addresses for the CPU kernels, or None. Weights at the addresses last
@@ -527,7 +623,14 @@ class UpdateRatio:
                 _host_kernels().moved(addresses, self._host_sizes, kept, self._host_before, self._host_ratio, carry)
                 self._carried = kept if carry else None
             return self._host_ratio, None
+        if self._device is not None and kept is self._device[1]:  # kept by the device kernels
+            self._carried = kept if carry else None
+            return kept(params, carry), self._finish_device
         return self.norms(kept, params, carry), self.finish
+
+    @staticmethod
+    def _finish_device(squares: np.ndarray) -> np.ndarray:
+        return _gpu.finish_update_ratio(squares)
 
     @torch.no_grad()
     def norms(self, kept: torch.Tensor, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:
@@ -567,6 +670,9 @@ class UpdateRatio:
     def __call__(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]) -> torch.Tensor:
         if isinstance(kept, np.ndarray):
             return torch.from_numpy(self.pending(kept, params)[0].copy())
+        if self._device is not None and kept is self._device[1]:
+            squares, finish = self.pending(kept, params)
+            return torch.from_numpy(finish(squares.cpu().numpy())).to(squares.device)
         before, moved = self.norms(kept, params)
         ratio = torch.where(moved == 0, 0.0, moved / before)
         return ratio if self._order is None else ratio[torch.from_numpy(self._order).to(ratio.device)]

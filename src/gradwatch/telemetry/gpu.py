@@ -1,0 +1,362 @@
+"""Multi-tensor kernels (Triton) for the gradient statistics and the update ratio on a GPU.
+
+Each tensor is read where it lies, through a table of addresses and sizes, as torch's own
+`_foreach_norm` does: a program takes one chunk (`CHUNK` values) of one tensor, so a step costs
+one launch per dtype (float32, bf16, fp16, float64) and one launch that merges the chunks into
+one row per tensor, whatever the number of tensors. Nothing is copied and nothing is read back:
+the rows stay in a small float64 buffer on the device, which the caller transfers when it
+likes (`stats.GradientStats.pending`).
+
+Exact at every magnitude the dtypes hold: each value is widened to float64 in registers, so the
+squares of float32, bf16 and fp16 values neither overflow nor underflow (float32 spans 1.4e-45
+to 3.4e38, float64 normal numbers 2.2e-308 to 1.8e308). std stays right for a mean far larger
+than the spread: each block of `BLOCK` values is centred on its own mean in registers (two
+passes over values already loaded), and the blocks of a chunk, then the chunks of a tensor,
+are merged with Chan et al.'s formula. Counts (zeros, NaN, inf) are integers. The largest
+magnitude leaves NaN out, and the merge makes it NaN when the tensor holds one, as `torch.amax`.
+
+The update ratio keeps the weights before the step in their own dtype, in one flat buffer per
+dtype (`UpdateNorms.keep`, one `_foreach_copy_`); after the step one kernel reads the weights
+before and after and sums ||before||^2 and ||after - before||^2 per chunk in float64; with
+`carry` it also writes the weights after into the buffer, which is then the next step's copy.
+
+Extra memory: the address tables and the partial sums of each chunk (9 float64 a chunk of
+`CHUNK` values: 2.2e-3 bytes per gradient value), and the weights' copy for the update ratio.
+
+On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1` set before
+triton is imported), which is how the tests check them against float64 without a GPU.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CUDA builds of torch ship triton; torch operations do the work then
+    triton = None
+
+BLOCK = 1024  # values a program holds in registers at a time
+CHUNK = 32768  # values of one tensor a program reads: 32 blocks
+MERGE_BLOCK = 256  # chunks the merge reads at a time
+_GRADIENT_PARTS = 8  # per chunk: count, sum, centred sum of squares, sum of squares, zeros, NaN, inf, max |x|
+GRADIENT_FIELDS = 7  # per tensor: mean, centred sum of squares, sum of squares, zeros, NaN, inf, max |x|
+_CHANGE_PARTS = 2  # per chunk and per tensor: ||before||^2, ||after - before||^2
+
+
+def interpreting() -> bool:
+    """Whether triton runs its kernels in its interpreter, on CPU tensors (TRITON_INTERPRET=1
+    when triton was imported)."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether these kernels can read `tensor`: on CUDA, or on the CPU under the interpreter."""
+    return triton is not None and (tensor.is_cuda or tensor.is_cpu and interpreting())
+
+
+if triton is not None:
+    DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64}
+
+    def _gradient_chunks(addresses, sizes, owner, first, partials, stride, base,
+                         DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        """One chunk of one tensor: its count, sum, sum of squares about its mean, sum of
+        squares, zeros, NaN, inf and largest finite magnitude, into column base + program."""
+        program = tl.program_id(0)
+        tensor = tl.load(owner + program)
+        n = tl.load(sizes + tensor)
+        start = (program - tl.load(first + tensor)) * CHUNK
+        stop = tl.minimum(start + CHUNK, n)
+        x_at = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
+        count = tl.zeros((), tl.float64)
+        total = tl.zeros((), tl.float64)
+        centred = tl.zeros((), tl.float64)
+        squares = tl.zeros((), tl.float64)
+        zeros = tl.zeros((), tl.int32)
+        nans = tl.zeros((), tl.int32)
+        infs = tl.zeros((), tl.int32)
+        top = tl.zeros((), tl.float64)
+        for s in range(start, stop, BLOCK):
+            offsets = s + tl.arange(0, BLOCK)
+            valid = offsets < stop
+            x = tl.load(x_at + offsets, mask=valid, other=0).to(tl.float64)
+            size = tl.minimum(stop - s, BLOCK).to(tl.float64)
+            block_total = tl.sum(x, axis=0)
+            block_mean = block_total / size
+            deviation = tl.where(valid, x - block_mean, 0.0)
+            block_centred = tl.sum(deviation * deviation, axis=0)
+            # Chan et al.: the block merged into the blocks before it (the mean from the sum, so
+            # an inf stays an inf in the sum however many finite blocks follow).
+            merged = count + size
+            delta = block_mean - tl.where(count > 0, total / tl.maximum(count, 1.0), block_mean)
+            centred += block_centred + delta * delta * (count * size / merged)
+            total += block_total
+            count = merged
+            squares += tl.sum(x * x, axis=0)
+            magnitude = tl.abs(x)
+            not_a_number = x != x
+            zeros += tl.sum((valid & (x == 0.0)).to(tl.int32), axis=0)
+            nans += tl.sum(not_a_number.to(tl.int32), axis=0)
+            infs += tl.sum((magnitude == float("inf")).to(tl.int32), axis=0)
+            top = tl.maximum(top, tl.max(tl.where(not_a_number, 0.0, magnitude), axis=0))
+        column = partials + base + program
+        tl.store(column, count)
+        tl.store(column + stride, total)
+        tl.store(column + 2 * stride, centred)
+        tl.store(column + 3 * stride, squares)
+        tl.store(column + 4 * stride, zeros.to(tl.float64))
+        tl.store(column + 5 * stride, nans.to(tl.float64))
+        tl.store(column + 6 * stride, infs.to(tl.float64))
+        tl.store(column + 7 * stride, top)
+
+    def _gradient_merge(partials, stride, bounds, rows, out, tensors, BLOCK: tl.constexpr):
+        """One tensor's chunks (columns bounds[t] to bounds[t + 1]) merged into its row of `out`
+        (GRADIENT_FIELDS, tensors), at its input position rows[t]."""
+        t = tl.program_id(0)
+        lo = tl.load(bounds + t)
+        hi = tl.load(bounds + t + 1)
+        count = tl.zeros((BLOCK,), tl.float64)
+        total = tl.zeros((BLOCK,), tl.float64)
+        squares = tl.zeros((BLOCK,), tl.float64)
+        zeros = tl.zeros((BLOCK,), tl.float64)
+        nans = tl.zeros((BLOCK,), tl.float64)
+        infs = tl.zeros((BLOCK,), tl.float64)
+        top = tl.zeros((BLOCK,), tl.float64)
+        for s in range(lo, hi, BLOCK):
+            at = s + tl.arange(0, BLOCK)
+            valid = at < hi
+            count += tl.load(partials + at, mask=valid, other=0.0)
+            total += tl.load(partials + stride + at, mask=valid, other=0.0)
+            squares += tl.load(partials + 3 * stride + at, mask=valid, other=0.0)
+            zeros += tl.load(partials + 4 * stride + at, mask=valid, other=0.0)
+            nans += tl.load(partials + 5 * stride + at, mask=valid, other=0.0)
+            infs += tl.load(partials + 6 * stride + at, mask=valid, other=0.0)
+            top = tl.maximum(top, tl.load(partials + 7 * stride + at, mask=valid, other=0.0))
+        n = tl.sum(count, axis=0)
+        mean = tl.sum(total, axis=0) / n  # NaN for an empty tensor, as torch's mean
+        # Chan et al. for all chunks at once: their own centred sums plus their means' spread.
+        centred = tl.zeros((BLOCK,), tl.float64)
+        for s in range(lo, hi, BLOCK):
+            at = s + tl.arange(0, BLOCK)
+            valid = at < hi
+            size = tl.load(partials + at, mask=valid, other=1.0)
+            delta = tl.load(partials + stride + at, mask=valid, other=0.0) / size - mean
+            own = tl.load(partials + 2 * stride + at, mask=valid, other=0.0)
+            centred += tl.where(valid, own + size * delta * delta, 0.0)
+        row = out + tl.load(rows + t)
+        tl.store(row, mean)
+        tl.store(row + tensors, tl.sum(centred, axis=0))
+        tl.store(row + 2 * tensors, tl.sum(squares, axis=0))
+        tl.store(row + 3 * tensors, tl.sum(zeros, axis=0))
+        tl.store(row + 4 * tensors, tl.sum(nans, axis=0))
+        tl.store(row + 5 * tensors, tl.sum(infs, axis=0))
+        tl.store(row + 6 * tensors, tl.max(top, axis=0))
+
+    def _change_chunks(addresses, sizes, offsets, owner, first, kept, partials, stride, base,
+                       CARRY: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        """One chunk of one weight tensor: ||before||^2 and ||after - before||^2 (float64), the
+        weights before at kept[offsets[t]:], the weights after at addresses[t]; `CARRY`: the
+        weights after written over the weights before."""
+        program = tl.program_id(0)
+        tensor = tl.load(owner + program)
+        n = tl.load(sizes + tensor)
+        start = (program - tl.load(first + tensor)) * CHUNK
+        stop = tl.minimum(start + CHUNK, n)
+        now_at = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
+        was_at = kept + tl.load(offsets + tensor)
+        before = tl.zeros((BLOCK,), tl.float64)
+        change = tl.zeros((BLOCK,), tl.float64)
+        for s in range(start, stop, BLOCK):
+            at = s + tl.arange(0, BLOCK)
+            valid = at < stop
+            now = tl.load(now_at + at, mask=valid, other=0)
+            was = tl.load(was_at + at, mask=valid, other=0).to(tl.float64)
+            moved = now.to(tl.float64) - was  # exact: two float32 (or narrower) values in float64
+            before += was * was
+            change += moved * moved
+            if CARRY:
+                tl.store(was_at + at, now, mask=valid)
+        column = partials + base + program
+        tl.store(column, tl.sum(before, axis=0))
+        tl.store(column + stride, tl.sum(change, axis=0))
+
+    def _change_merge(partials, stride, bounds, rows, out, tensors, BLOCK: tl.constexpr):
+        """One tensor's chunks summed into its column of `out` (2, tensors), at rows[t]."""
+        t = tl.program_id(0)
+        lo = tl.load(bounds + t)
+        hi = tl.load(bounds + t + 1)
+        before = tl.zeros((BLOCK,), tl.float64)
+        change = tl.zeros((BLOCK,), tl.float64)
+        for s in range(lo, hi, BLOCK):
+            at = s + tl.arange(0, BLOCK)
+            valid = at < hi
+            before += tl.load(partials + at, mask=valid, other=0.0)
+            change += tl.load(partials + stride + at, mask=valid, other=0.0)
+        row = out + tl.load(rows + t)
+        tl.store(row, tl.sum(before, axis=0))
+        tl.store(row + tensors, tl.sum(change, axis=0))
+else:  # pragma: no cover
+    DTYPES = {}
+
+_made: dict = {}
+
+
+def _kernel(function):
+    """`function` as a triton kernel, made once: compiled for the GPU, or interpreted when
+    TRITON_INTERPRET=1 was set before triton was imported (triton decides then, for its own
+    helpers too)."""
+    kernel = _made.get(function)
+    if kernel is None:
+        kernel = _made[function] = triton.jit(function)
+    return kernel
+
+
+class _Layout:
+    """Tensors of given sizes and dtypes laid out for the kernels on one device, made once: per
+    dtype, the tensors' sizes, each program's tensor, each tensor's first program; for the
+    merge, each tensor's range of chunks and its input position; the address tables, uploaded
+    again only when an address changes."""
+
+    def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device, chunk: int):
+        self.device = device
+        by_dtype: dict = {}
+        for i, dtype in enumerate(dtypes):
+            by_dtype.setdefault(dtype, []).append(i)
+        self.groups = []  # (dtype, input indices, sizes, owner, first, programs, base)
+        bounds, rows, base = [0], [], 0
+        for dtype, members in by_dtype.items():
+            chunks = [-(-sizes[i] // chunk) for i in members]  # ceil: an empty tensor has none
+            owner = np.repeat(np.arange(len(members), dtype=np.int32), chunks)
+            first = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64)
+            self.groups.append((dtype, members, self._on(np.asarray([sizes[i] for i in members], dtype=np.int64)),
+                                self._on(owner), self._on(first), int(sum(chunks)), base))
+            for i, c in zip(members, chunks, strict=True):
+                bounds.append(bounds[-1] + c)
+                rows.append(i)
+            base += int(sum(chunks))
+        self.chunks = base
+        self.bounds = self._on(np.asarray(bounds, dtype=np.int64))
+        self.rows = self._on(np.asarray(rows, dtype=np.int64))
+        self._uploaded: list[int] | None = None
+        self._tables: list[torch.Tensor] = []
+
+    def _on(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device)
+
+    def addresses(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per dtype group, the tensors' addresses on the device. A new table goes up from pinned
+        memory without blocking the host (the host allocator keeps that memory until the copy
+        is done); an optimizer keeps its weights, and the caching allocator usually gives a
+        step's gradients the addresses of the last step's, so this is rare after the first step."""
+        now = list(map(torch.Tensor.data_ptr, tensors))
+        if now != self._uploaded:
+            tables = []
+            for _, members, *_ in self.groups:
+                table = torch.tensor([now[i] for i in members], dtype=torch.int64)
+                if self.device.type == "cuda":
+                    table = table.pin_memory().to(self.device, non_blocking=True)
+                tables.append(table)
+            self._tables, self._uploaded = tables, now
+        return self._tables
+
+
+def _readable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors, each contiguous (a copy of the rare one that is not: the kernels read
+    `numel` values from its address)."""
+    if all(map(torch.Tensor.is_contiguous, tensors)):
+        return tensors
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+class GradientSums:
+    """Per tensor, the raw sums `finish_gradient_rows` makes the statistics of, as a (7,
+    tensors) float64 buffer on the device, in input order (valid until the next call)."""
+
+    def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device,
+                 block: int = BLOCK, chunk: int = CHUNK):
+        self.sizes = list(sizes)
+        self.block, self.chunk = block, chunk
+        self.layout = _Layout(self.sizes, dtypes, device, chunk)
+        self.partials = torch.zeros(_GRADIENT_PARTS, max(self.layout.chunks, 1), dtype=torch.float64, device=device)
+        self.out = torch.zeros(GRADIENT_FIELDS, len(self.sizes), dtype=torch.float64, device=device)
+        self._chunks, self._merge = _kernel(_gradient_chunks), _kernel(_gradient_merge)
+
+    def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        grads = _readable(grads)
+        layout, partials = self.layout, self.partials
+        stride = partials.shape[1]
+        for (dtype, _, sizes, owner, first, programs, base), table in zip(layout.groups, layout.addresses(grads),
+                                                                          strict=True):
+            if programs:
+                self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base, DTYPE=DTYPES[dtype],
+                                              BLOCK=self.block, CHUNK=self.chunk)
+        self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
+                                            BLOCK=MERGE_BLOCK)
+        return self.out
+
+
+def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """`GradientSums`' (7, tensors) on the host and the tensors' sizes -> the rows (mean, std,
+    zero_fraction, norm, abs_max, nonfinite) flattened, then the global norm (float64)."""
+    mean, centred, squares, zeros, nans, infs, top = np.asarray(raw, dtype=np.float64).reshape(GRADIENT_FIELDS, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        std = np.where(n > 1, np.sqrt(centred / np.maximum(n - 1, 1)), 0.0)  # unbiased; 0 for one value
+        abs_max = np.where(nans > 0, np.nan, top)
+        # The root may round below the largest magnitude: keep norm >= abs_max exact.
+        norm = np.fmax(np.sqrt(squares), top)
+        norm = np.where(nans > 0, np.nan, norm)
+        table = np.stack([mean, std, zeros / n, norm, abs_max, nans + infs], 1)
+    return np.append(table.reshape(-1), np.sqrt(squares.sum()))
+
+
+class UpdateNorms:
+    """The weights before a step kept in their own dtype (one flat buffer per dtype), and per
+    tensor ||before||^2 and ||after - before||^2 as a (2, tensors) float64 buffer on the device,
+    in input order."""
+
+    def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device,
+                 block: int = BLOCK, chunk: int = CHUNK):
+        self.sizes = list(sizes)
+        self.block, self.chunk = block, chunk
+        self.layout = _Layout(self.sizes, dtypes, device, chunk)
+        self.kept, self.offsets, self.views = [], [], [None] * len(self.sizes)
+        for dtype, members, *_ in self.layout.groups:
+            flat = torch.empty(sum(self.sizes[i] for i in members), dtype=dtype, device=device)
+            starts = np.concatenate([[0], np.cumsum([self.sizes[i] for i in members])[:-1]]).astype(np.int64)
+            for i, start in zip(members, starts.tolist(), strict=True):
+                self.views[i] = flat[start:start + self.sizes[i]]
+            self.kept.append(flat)
+            self.offsets.append(self.layout._on(starts))
+        self.partials = torch.zeros(_CHANGE_PARTS, max(self.layout.chunks, 1), dtype=torch.float64, device=device)
+        self.out = torch.zeros(_CHANGE_PARTS, len(self.sizes), dtype=torch.float64, device=device)
+        self._chunks, self._merge = _kernel(_change_chunks), _kernel(_change_merge)
+
+    @torch.no_grad()
+    def keep(self, params: Sequence[torch.Tensor]) -> "UpdateNorms":
+        """The weights now copied into the flat buffers (one multi-tensor copy); returns self."""
+        torch._foreach_copy_(self.views, [p.reshape(-1) for p in params])
+        return self
+
+    def __call__(self, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:
+        params = _readable(params)
+        layout, partials = self.layout, self.partials
+        stride = partials.shape[1]
+        groups = zip(layout.groups, layout.addresses(params), self.kept, self.offsets, strict=True)
+        for (dtype, _, sizes, owner, first, programs, base), table, kept, offsets in groups:
+            if programs:
+                self._chunks[(programs,)](table, sizes, offsets, owner, first, kept, partials, stride, base,
+                                            CARRY=carry, DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk)
+        self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
+                                          BLOCK=MERGE_BLOCK)
+        return self.out
+
+
+def finish_update_ratio(squares: np.ndarray) -> np.ndarray:
+    """`UpdateNorms`' (2, tensors) on the host -> ||after - before|| / ||before|| per tensor (0
+    where nothing moved, inf where weights that were all 0 moved)."""
+    before, change = np.asarray(squares, dtype=np.float64).reshape(_CHANGE_PARTS, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(change == 0, 0.0, np.sqrt(change) / np.sqrt(before))
