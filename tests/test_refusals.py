@@ -10,7 +10,7 @@ import pytest
 
 from gradwatch.storage.paths import RunPaths
 
-from conftest import folder_bytes, strict_json, train_py
+from conftest import REPO, folder_bytes, strict_json, train_py
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +44,66 @@ def test_a_refused_resume_leaves_a_finished_folder_byte_identical(finished, extr
 
 
 def test_a_value_refused_after_hydra_started_is_put_back_too(finished):
-    """Refused by the pipeline (not by the pre-check): Hydra's .hydra/ files are restored."""
+    """Refused by the pipeline (a Trainer option only Lightning knows): Hydra's .hydra/ files are restored."""
     before = folder_bytes(finished)
-    result = train_py([*RUN, f"hydra.run.dir={finished}", "optimizer.lr=-1"], cwd=finished.parent)
+    result = train_py([*RUN, f"hydra.run.dir={finished}", "trainer.precision=bogus"], cwd=finished.parent)
     assert result.returncode == 2
-    assert result.stderr.strip() == "gradwatch: optimizer.lr=-1 is not valid: allowed is a number > 0"
+    assert result.stderr.strip().startswith("gradwatch: the config cannot be built: calling "
+                                            "lightning.pytorch.trainer.trainer.Trainer: ValueError: Precision 'bogus'")
     assert folder_bytes(finished) == before
+
+
+GROUPS = "dataset, experiment, hparams_search, loss, model, optimizer, telemetry, trainer"
+KEYS = "checkpoint, ckpt_path, diagnosis, log, seed, summary, threads"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["optimizr.lr=0.1"], f"optimizr.lr=0.1 is not valid: allowed is a key of the config: the groups {GROUPS} "
+                          f"or the keys {KEYS} (+optimizr.lr=... adds a new key)"),
+    (["optimizer.lrr=0.1"], "optimizer.lrr=0.1 is not valid: allowed is a key of optimizer: _partial_, _target_, "
+                            "lr, momentum, weight_decay"),
+    (["optimizer=adam", "optimizer.momentum=0.9"], "optimizer.momentum=0.9 is not valid: allowed is a key of "
+                                                   "optimizer: _partial_, _target_, lr, weight_decay"),  # adam's
+    (["-m", "optimizr.lr=0.1,0.2"], f"optimizr.lr=0.1,0.2 is not valid: allowed is a key of the config: the groups "
+                                    f"{GROUPS} or the keys {KEYS} (+optimizr.lr=... adds a new key)"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1 is not valid: allowed is a number > 0"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 is not valid: allowed is an integer >= 1, or -1 "
+                              "(no limit: trainer.max_epochs decides)"),
+    (["threads=0"], "threads=0 is not valid: allowed is an integer >= 1"),
+    (["model.hidden=[4,0]"], "model.hidden[1]=0 is not valid: allowed is an integer >= 1"),  # found by building
+    (["trainer.precision=bogus"], "the config cannot be built: calling lightning.pytorch.trainer.trainer.Trainer: "
+                                  "ValueError: Precision 'bogus' is invalid."),  # found by Lightning
+])
+def test_every_refusal_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path, args, expected):
+    result = train_py([*args, "trainer.enable_progress_bar=false"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"gradwatch: {expected}"), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    made = [p for p in (tmp_path / "outputs").rglob("*")] if (tmp_path / "outputs").exists() else []
+    assert made == []
+
+
+def test_a_new_key_with_a_plus_is_not_refused(tmp_path):
+    result = train_py(["+note=first", "trainer.max_steps=2", "trainer.enable_progress_bar=false"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (config,) = tmp_path.glob("outputs/*/*/.hydra/config.yaml")
+    assert "note: first" in config.read_text()
+
+
+def test_help_names_the_groups_the_common_keys_and_examples(tmp_path):
+    result = train_py(["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("gradwatch: train a small network")
+    options = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in text.splitlines()
+               if ": " in line and not line.startswith((" ", "gradwatch"))}
+    for group in GROUPS.split(", "):
+        assert options[group] == sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")), group
+    for key in ("seed=0", "threads=1", "trainer.max_steps=200", "optimizer.lr=0.1", "summary.converge_below=0.001"):
+        assert f"  {key} " in text, key
+    assert "  python train.py -m optimizer.lr=0.001,0.01,0.1 seed=0,1,2 " in text
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_sigint_stops_a_sweep_after_the_current_run_is_recorded(tmp_path):
     args = [sys.executable, str(REPO / "train.py"), "-m", *RUN, "seed=1,2,3"]
     proc = _popen(args, tmp_path)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("outputs/multirun/*/*/0_*/metrics/part-000002.parquet")):
+    while not list(tmp_path.glob("outputs/multirun/*/*/000_*/metrics/part-000002.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)

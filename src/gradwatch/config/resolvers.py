@@ -7,6 +7,17 @@ from omegaconf import OmegaConf
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
 _MAX_NAME = 120
+# Digits of a run's number in its sweep folder's name: `007_...` sorts before `010_...` up to 999 runs.
+RUN_NUMBER_DIGITS = 3
+
+
+def padded(number: object) -> str:
+    """A job number zero-padded, so that a sweep's run folders sort in run order.
+
+    >>> padded(7), padded("12"), padded(1234)
+    ('007', '012', '1234')
+    """
+    return f"{int(number):0{RUN_NUMBER_DIGITS}d}"
 
 
 def safe_dirname(text: str) -> str:
@@ -25,3 +36,5 @@ def safe_dirname(text: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("gw_safe"):
         OmegaConf.register_new_resolver("gw_safe", safe_dirname)
+    if not OmegaConf.has_resolver("gw_padded"):
+        OmegaConf.register_new_resolver("gw_padded", padded)
