@@ -2,6 +2,7 @@
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,7 +78,7 @@ def test_one_run_is_one_panel_with_one_line():
     assert report.loss_curves(summary, plan)["loss"].tolist() == [1.0, 0.5]
 
 
-def test_loss_curves_are_medians_over_seeds_of_finite_values(sweep):
+def test_loss_curves_are_means_over_seeds_of_finite_values(sweep):
     summary, _ = sweep
     curves = report.loss_curves(summary, report.layout(summary)).set_index(["panel", "line", "step"])["loss"]
     assert curves.loc[("model=linear", "0.1")].tolist() == [4.0, 1.5, 0.05, 1e-5]
@@ -128,12 +129,14 @@ def test_heatmap_falls_back_to_final_loss_and_facets_the_other_keys():
     assert cells[("3", "p")] == 6.0 and math.isnan(cells[("2", "p")])  # a diverged run has no final loss
 
 
-def test_dead_fraction_is_the_layer_mean_then_the_seed_median(sweep):
+def test_dead_fraction_is_the_worst_layer_then_the_seed_mean(sweep):
     summary, metrics = sweep
     plan = report.layout(summary)
     data = report.dead_fraction_curves(plan, metrics).set_index(["panel", "line", "step"])["dead_fraction"]
     assert set(data.index.get_level_values("panel")) == {"model=mlp"}  # linear runs have no ReLUs
-    assert data.loc[("model=mlp", "0.1")].tolist() == [0.0, 0.25, 0.5, 0.5]
+    # Layer 1 dies (0, 0.5, 1, 1) while layer 3 stays alive: the figure shows layer 1, not their mean.
+    assert data.loc[("model=mlp", "0.1")].tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert plan.per_setting == "mean over 2 seeds"
 
 
 def test_gradient_flow_is_per_weight_in_network_order_before_divergence(sweep):
@@ -153,7 +156,6 @@ def test_render_reports_writes_every_figure(sweep):
     assert sorted(pngs) == ["report.png", "report_dead.png", "report_gradients.png", "report_heatmap.png"]
     assert all(png.startswith(PNG) for png in pngs.values())
     assert sorted(report.render_reports(summary)) == ["report.png", "report_heatmap.png"]
-    assert report.render_report(summary).startswith(PNG)
 
 
 def test_curves_can_stand_for_metrics(sweep):
@@ -177,3 +179,112 @@ def test_report_of_real_runs_marks_the_diverged_one(tmp_path):
     # One run alone gets the same figures.
     one = summarize(tmp_path / "0_a")
     assert sorted(report.render_reports(one, {".": read_metrics(tmp_path / "0_a")})) == sorted(pngs)
+
+
+def _size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _grid_summary(rows: list, cols: list, facets: list = (None,), seeds: int = 2) -> Summary:
+    runs, losses = [], {}
+    for f in facets:
+        for r in rows:
+            for c in cols:
+                for seed in range(seeds):
+                    rd = f"{f}-{r}-{c}-{seed}"
+                    losses[rd] = [1.0, 0.5 / (1 + seed)]
+                    runs.append({"run_dir": rd, "model.hidden": r, "optimizer.lr": c, "dataset": f, "seed": seed,
+                                 "converged": False, "diverged": False, "final_loss": losses[rd][-1]})
+    swept = ["model.hidden", "optimizer.lr"] + (["dataset"] if facets != (None,) else [])
+    return make_summary(runs, swept, losses)
+
+
+def test_figures_grow_with_what_they_hold():
+    small = report.render_reports(_grid_summary(["[8]", "[16]"], [0.1, 0.01]))
+    big = report.render_reports(_grid_summary(["[32,32]", "[32,32,32,32,32,32]", "[64]", "[8]", "[16]", "[4]"],
+                                              [0.1, 0.01, 0.001, 0.3, 0.03, 0.003, 1.0, 0.5],
+                                              facets=("digits", "line_2x", "sum_x1_x2")))
+    for name in ("report.png", "report_heatmap.png"):
+        (w1, h1), (w2, h2) = _size(small[name]), _size(big[name])
+        assert w2 > w1 and h2 > h1, (name, (w1, h1), (w2, h2))
+
+
+def _cut(fig) -> list[str]:
+    """What of a drawn figure sticks out of it: each visible panel with its titles and drawn tick
+    labels (colour bars are panels too), the figure's titles and its legends. None when nothing is cut."""
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    parts = [(f"panel {ax.get_title()!r}", ax.get_tightbbox(renderer)) for ax in fig.axes if ax.get_visible()]
+    texts = dict.fromkeys((fig._suptitle, fig._supxlabel, fig._supylabel, *fig.texts))  # suptitle is a text too
+    texts = [t for t in texts if t and t.get_text()]
+    parts += [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    parts += [("legend", legend.get_window_extent(renderer)) for legend in fig.legends]
+    return [name for name, e in parts
+            if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1]
+
+
+def test_no_title_tick_or_colour_bar_label_is_cut():
+    summary = _grid_summary(["[32,32]", "[32,32,32,32,32,32]"], [0.1, 0.001], facets=("digits", "sum_x1_x2"))
+    figures = report.figures(summary)
+    for name, fig in figures.items():
+        assert _cut(fig) == [], name
+    cut = plt.figure(figsize=(2, 1))
+    cut.suptitle("a title longer than its figure is wide")
+    assert _cut(cut) == ["a title longer than its figure is wide"]  # the check sees a cut
+    plt.close(cut)
+    heatmap = figures["report_heatmap.png"]
+    ticks = [t.get_text() for ax in heatmap.axes for t in ax.get_yticklabels()]
+    assert "6x[32]" in ticks and "[32,32]" in ticks  # a long repeated list by its repeat
+    assert "mean over 2 seeds" in heatmap._suptitle.get_text()
+
+
+def test_diverged_settings_are_black_and_in_the_legend(sweep):
+    summary, _ = sweep
+    runs = summary.runs.copy()
+    every = (runs["model"] == "linear") & (runs["optimizer.lr"] == 1.0)
+    runs.loc[every, "diverged"] = True
+    fig = report.draw_heatmap(Summary(runs, pd.DataFrame(), summary.swept, summary.curves))
+    black = [p for p in fig.axes[0].patches if p.get_facecolor()[:3] == (0.0, 0.0, 0.0)]
+    hatched = [p for p in fig.axes[0].patches if p.get_hatch()]
+    assert len(black) == 1 and len(hatched) == 1  # linear at 1.0: both seeds; mlp at 1.0: one of two
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["every run diverged",
+                                                                   "some runs diverged (k/n div)"]
+    assert "diverged" in [t.get_text() for t in fig.axes[0].texts]
+
+
+def test_legend_lists_only_lines_the_figure_draws():
+    runs, losses, metrics = [], {}, {}
+    for activation in ("relu", "sigmoid"):
+        for seed in (0, 1):
+            rd = f"{activation}-{seed}"
+            losses[rd] = [1.0, 0.5]
+            runs.append({"run_dir": rd, "model.activation": activation, "seed": seed, "final_loss": 0.5})
+            curves = {"train/loss": [1.0, 0.5], "grad/0.weight/norm": [1.0, 1.0], "grad/2.weight/norm": [2.0, 2.0]}
+            if activation == "relu":
+                curves["act/1/dead_fraction"] = [0.0, 1.0]
+            metrics[rd] = long(curves)
+    figures = report.figures(make_summary(runs, ["model.activation"], losses), metrics)
+    legend = {name: [t.get_text() for t in fig.legends[0].get_texts()] for name, fig in figures.items()
+              if fig.legends}
+    assert legend["report_dead.png"] == ["relu"]  # sigmoid has no ReLU layer, so no line
+    assert legend["report.png"] == ["relu", "sigmoid"]
+
+
+def test_a_continuous_key_is_a_scatter_on_a_log_axis():
+    rates = [0.010716295704927558, 0.0003311, 0.21, 0.0042]
+    runs = [{"run_dir": str(i), "optimizer.lr": lr, "model.hidden": "[8]" if i % 2 else "[16,16]",
+             "final_loss": [0.1, 0.5, math.inf, 0.2][i], "diverged": i == 2} for i, lr in enumerate(rates)]
+    summary = make_summary(runs, ["optimizer.lr", "model.hidden"], {str(i): [1.0, 0.5] for i in range(4)})
+    assert report.continuous_key(summary) == "optimizer.lr"
+    data = report.scatter_data(summary, "optimizer.lr")
+    assert data["x"].tolist() == rates and data["diverged"].tolist() == [False, False, True, False]
+    assert data["group"].tolist() == ["hidden=[16,16]", "hidden=[8]"] * 2
+    assert math.isnan(data["final_loss"][2]) and data["final_loss"][3] == 0.2
+    figures = report.figures(summary)
+    assert sorted(figures) == ["report.png", "report_scatter.png"]
+    (ax,) = figures["report_scatter.png"].axes
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert report.layout(summary).lines == ["0.000331", "0.0042", "0.0107", "0.21"]  # 3 digits, by value
+    # Typed grid values stay a heatmap.
+    assert report.continuous_key(make_summary([{"run_dir": "a", "optimizer.lr": 0.001}, {"run_dir": "b",
+                                               "optimizer.lr": 0.05}], ["optimizer.lr"], {})) is None
