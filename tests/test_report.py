@@ -278,7 +278,7 @@ def test_a_continuous_key_is_a_scatter_on_a_log_axis():
     assert report.continuous_key(summary) == "optimizer.lr"
     data = report.scatter_data(summary, "optimizer.lr")
     assert data["x"].tolist() == rates and data["diverged"].tolist() == [False, False, True, False]
-    assert data["group"].tolist() == ["hidden=[16,16]", "hidden=[8]"] * 2
+    assert data["group"].tolist() == ["[16,16]", "[8]"] * 2
     assert math.isnan(data["final_loss"][2]) and data["final_loss"][3] == 0.2
     figures = report.figures(summary)
     assert sorted(figures) == ["report.png", "report_scatter.png"]

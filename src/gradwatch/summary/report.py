@@ -323,15 +323,17 @@ def continuous_key(summary) -> str | None:
 
 def scatter_data(summary, key: str) -> pd.DataFrame:
     """x, final_loss, diverged, group: one point per run, the continuous `key` against its final
-    loss (NaN for a diverged run, drawn at the top), grouped by the other swept keys."""
+    loss (NaN for a diverged run, drawn at the top), grouped by the other swept keys (by the
+    value alone when there is one other key)."""
     runs = summary.runs
     others = [k for k in swept_keys(summary) if k != key]
     loss = pd.to_numeric(runs.get("final_loss"), errors="coerce").astype(float)
     diverged = runs["diverged"].fillna(False).astype(bool) if "diverged" in runs else pd.Series(False, index=runs.index)
+    groups = ([shown(v) for v in runs[others[0]].astype(str)] if len(others) == 1
+              else setting_labels(runs, others) if others else ["all runs"] * len(runs))
     return pd.DataFrame({"x": pd.to_numeric(runs[key], errors="coerce").astype(float).to_numpy(),
                          "final_loss": loss.where(np.isfinite(loss) & ~diverged).to_numpy(),
-                         "diverged": diverged.to_numpy(),
-                         "group": setting_labels(runs, others) if others else ["all runs"] * len(runs)})
+                         "diverged": diverged.to_numpy(), "group": groups})
 
 
 # --- drawing --------------------------------------------------------------------------------------
@@ -506,10 +508,11 @@ def draw_heatmap(summary):
             elif not np.isfinite(r.value):
                 marks.add("none")
             if len(rows) * len(cols) <= 150:
-                shade = (0, 0, 0) if every else image.cmap(image.norm(r.value)) if np.isfinite(r.value) else (0.87,) * 3
+                shade = ((0, 0, 0) if every else (1, 1, 1) if r.diverged  # on its white box
+                         else image.cmap(image.norm(r.value)) if np.isfinite(r.value) else (0.87,) * 3)
                 ax.text(j, i, _cell_text(metric, r.value, r.diverged, r.runs), ha="center", va="center",
                         fontsize=6.5, color="white" if sum(shade[:3]) < 1.5 else "black",
-                        bbox=dict(facecolor="white", alpha=0.6, lw=0, pad=0.5) if r.diverged and not every else None)
+                        bbox=dict(facecolor="white", alpha=0.8, lw=0, pad=0.5) if r.diverged and not every else None)
         ax.set_xticks(range(len(cols)), col_labels, fontsize=7, rotation=30 if rotate else 0,
                       ha="right" if rotate else "center")
         ax.set_yticks(range(len(rows)), row_labels, fontsize=7)
@@ -545,6 +548,8 @@ def draw_scatter(summary, key: str):
     x = data["x"].to_numpy()
     if (x > 0).all() and x.max() >= 20 * x.min():
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_PLAIN)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     loss = data["final_loss"].to_numpy(dtype=float)
     if np.isfinite(loss).any() and (loss[np.isfinite(loss)] > 0).all():
         _log_y(ax)
@@ -560,7 +565,7 @@ def draw_scatter(summary, key: str):
     ax.set_ylabel("final loss", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    others = ", ".join(_short(k) for k in swept_keys(summary) if k != key) or "runs"
+    others = ", ".join(k for k in swept_keys(summary) if k != key) or "runs"
     fig.legend(handles=handles, title=others, loc="outside right center", fontsize=8, title_fontsize=8,
                frameon=False)
     fig.suptitle(f"Final loss of each run against {key} ({len(data)} runs)", fontsize=10)
@@ -579,7 +584,7 @@ def draw_dead(summary, plan: Layout, metrics_by_run):
         for line, frame in data[data["panel"] == panel].groupby("line", sort=False):
             ax.plot(frame["step"], frame["dead_fraction"], color=colors[line], lw=1.2)
     axes[0].set_ylim(-0.03, 1.03)
-    axes[0].yaxis.set_major_locator(MaxNLocator(3))
+    axes[0].set_yticks([0.0, 0.5, 1.0])
     return (fig, f"Dead ReLU units in each setting's worst layer ({plan.per_setting}, lightly smoothed; "
                  "1 = every unit of that layer dead)", colors, lines, None)
 
