@@ -2,8 +2,9 @@
 
 "What" lives in `gradwatch.telemetry.stats`; this adapter decides "when" and hands the numbers to a
 `StepRecorder`, which writes them with the step's loss as one event. Inside gradwatch's pipeline
-the recorder is given; in any other Lightning project the callback makes its own, in the folder of
-the Trainer's TensorBoardLogger.
+the recorder is given; in any other Lightning project the callback makes its own, writing into
+the Trainer's loggers (TensorBoard's folder directly, any other logger through `log_metrics`).
+What it supports and refuses: docs/callback.md.
 """
 
 import itertools
@@ -16,18 +17,28 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from gradwatch.config.errors import ConfigError, check_int
+from gradwatch.config.checks import RULES
+from gradwatch.config.errors import ConfigError, check_bool
+from gradwatch.storage.names import JoinedNames
 from gradwatch.telemetry import tags
 from gradwatch.telemetry.distributed import combine_unit_counts, world
-from gradwatch.telemetry.recorder import StepRecorder
+from gradwatch.telemetry.recorder import Readback, StepRecorder
 from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
 
 log = logging.getLogger(__name__)
 
 ON_NONFINITE = ("warn", "stop")
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
+# Activations whose outputs are not ReLU-like (negative values, no exact zeros): not counted, named
+# at fit start (docs/callback.md).
+OTHER_ACTIVATIONS = (nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                     nn.Hardswish, nn.Softplus)
+# Strategies that shard parameters and gradients: a process holds part of each tensor.
+_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+_VERSION = operator.attrgetter("_version")
 _NONFINITE = tags.GRAD_STATS.index("nonfinite")
 _GRAD = operator.attrgetter("grad")
 _SHAPE = operator.attrgetter("shape")
@@ -48,7 +59,8 @@ def network_of(pl_module: pl.LightningModule) -> nn.Module:
 
 
 class _OutputTap:
-    """Appends each output of `module` to `calls` while `owner._recording` is true, by wrapping
+    """Appends each output of `module` to `calls`, and its version counter (`Tensor._version`,
+    which any in-place op on it moves) to `versions`, while `owner._recording` is true, by wrapping
     its `forward` on the instance, until `remove()`. A forward hook would do the same, but any
     hook sends every call of the module through `Module._call_impl`'s slow path: measured 2-3 us
     more per call, 0.1-0.3 ms a step on a 50-layer net, the largest part of the activations' cost
@@ -56,11 +68,11 @@ class _OutputTap:
     training step). The wrapper is a bound method, so a deep copy of the module (an EMA copy, say)
     calls its own forward."""
 
-    def __init__(self, module: nn.Module, calls: list, owner: "GradientTelemetry"):
+    def __init__(self, module: nn.Module, calls: list, owner: "GradientTelemetry", versions: list | None = None):
         self.module = module
         self.previous = module.__dict__.get("forward")  # a forward already set on the instance
         inner = self.previous
-        append = calls.append
+        append, version = calls.append, ([] if versions is None else versions).append
 
         if inner is None and type(module).forward is nn.ReLU.forward:
             # nn.ReLU's own forward inline: one frame and no argument packing less a call, on
@@ -71,18 +83,21 @@ class _OutputTap:
                 output = relu(input, inplace=self_.inplace)
                 if owner._recording:
                     append(output)
+                    version(output._version)
                 return output
         elif inner is None:
             def forward(self_, *args, **kwargs):
                 output = type(self_).forward(self_, *args, **kwargs)
                 if owner._recording:
                     append(output)
+                    version(output._version)
                 return output
         else:
             def forward(self_, *args, **kwargs):
                 output = inner(*args, **kwargs)
                 if owner._recording:
                     append(output)
+                    version(output._version)
                 return output
 
         self.forward = module.forward = types.MethodType(forward, module)
@@ -96,27 +111,43 @@ class _OutputTap:
             del self.module.forward
 
 
+class _ParamSet:
+    """Parameters stepped together (the network's, or one optimizer's of several): their names,
+    tags and statistics objects, made once per set."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], update_ratio: bool):
+        self.named = named
+        self.names = tuple(n for n, _ in named)
+        self.params = [p for _, p in named]
+        sizes = [p.numel() for p in self.params]
+        self.grad_stats = GradientStats(sizes)
+        self.update = UpdateRatio(sizes) if update_ratio else None
+        self.grad_tags = tuple(tags.grad(n, stat) for n in self.names for stat in tags.GRAD_STATS) + (tags.GLOBAL_NORM,)
+        self.update_tags = tuple(tags.update(n) for n in self.names)
+        self.carry_step: int | None = None  # the step whose weights before it the last step kept
+
+
 class GradientTelemetry(pl.Callback):
     """Logs `grad/<param>/<stat>`, `grad/global_norm`, `act/<layer>/...` and `update/<param>/ratio`
-    every `every_n_steps`, in any Lightning project.
+    every `every_n_steps` optimizer steps, in any Lightning project, into every logger the
+    Trainer has (docs/callback.md).
 
     Gradients are read in `on_before_optimizer_step` (after accumulation and AMP unscaling, before
-    clipping and the update), the weights there and again in `on_train_batch_end` (the update
-    ratio; when every step logs, the weights read at one step's end are the next step's weights
-    before it, so a change made between two steps counts in the second). Activations come
-    from a tap on each ReLU module's forward (`_OutputTap`), keyed by module: a module
-    called several times in a step has its calls concatenated along the batch dimension, so a unit
-    is dead only if it fired in none of them; for a convolution's (N, C, H, W) output a unit is a
-    channel. When logging every N > 1 steps the taps exist only on the steps that log. The
-    numbers of a step stay on the device until its end and come to the host in one transfer,
-    where the per-row arithmetic is done; float32 CPU tensors go through fused kernels
-    (`telemetry.kernels`) that read them in place and leave the numbers on the host. Buffers kept
-    across steps: on a CPU with float32 weights, one float32 copy of the weights (the update
-    ratio); elsewhere (GPU, half precision), to keep a step to a few dozen tensor operations,
-    about 11 float32 copies of the parameters (gradient stacks and work rows, float64 weights
-    before and after) and one copy of the ReLU outputs.
+    clipping and the update), the weights there and again right after the optimizer's step (a
+    step hook on the optimizer: with several optimizers each step is its own), for the update
+    ratio; when every step logs, the weights read after one step are the next step's weights
+    before it. With several optimizers (manual optimization) a step's statistics are those of
+    the parameters its optimizer steps. Activations come from a tap on each ReLU module's forward
+    (`_OutputTap`), keyed by module: the calls since the last optimizer step (every micro-batch of
+    an accumulated step) are concatenated along the batch dimension, so a unit is dead only if it
+    fired in none of them; for a convolution's (N, C, H, W) output a unit is a channel. An output
+    changed in place after the ReLU (a later in-place op) is detected and its layer left out of
+    that step, with one warning. When logging every N > 1 steps the taps exist only while a
+    logged step gathers. A step's numbers stay on the device until its end and come to the host
+    in one copy: on a GPU without waiting (read when a later step ends, `StepRecorder`); float32
+    CPU tensors go through fused kernels (`telemetry.kernels`) that leave the numbers on the host.
 
-    Example, in your own project (the callback writes into the logger's folder)::
+    Example, in your own project (the callback writes into the Trainer's loggers)::
 
         from gradwatch import GradientTelemetry
         Trainer(callbacks=[GradientTelemetry()], logger=TensorBoardLogger("logs"))
@@ -127,23 +158,24 @@ class GradientTelemetry(pl.Callback):
         Trainer(callbacks=[GradientTelemetry(recorder, every_n_steps=10), recorder])
 
     Args:
-        recorder: where the numbers go; None: a recorder of its own in the TensorBoardLogger's
-            `log_dir`, driven by this callback.
-        every_n_steps: log on steps 0, n, 2n, ...
+        recorder: where the numbers go; None: a recorder of its own, writing TensorBoard's events
+            into the TensorBoardLogger's `log_dir` and every other logger's through `log_metrics`.
+        every_n_steps: log optimizer steps 0, n, 2n, ...
         activations: record dead/zero fractions of ReLU layers.
-        on_nonfinite: `warn` (log it, warn once per parameter) or `stop` (end the run as diverged;
-            this reads the statistics before the update, a second transfer on logged steps).
+        on_nonfinite: `warn` (one line per parameter, training goes on) or `stop` (skip that
+            step's update and end the run as diverged; this reads the gradients' statistics
+            before the update, a blocking read on logged steps).
         histograms_every_n_steps: also write gradient histograms this often (0: never).
+        update_ratio: log `update/<param>/ratio`; False keeps no copy of the weights.
     """
 
     def __init__(self, recorder: StepRecorder | None = None, every_n_steps: int = 1, activations: bool = True,
-                 on_nonfinite: str = "warn", histograms_every_n_steps: int = 0):
-        check_int("every_n_steps", every_n_steps, minimum=1)
-        check_int("histograms_every_n_steps", histograms_every_n_steps, minimum=0, allowed="an integer >= 0 (0: never)")
+                 on_nonfinite: str = "warn", histograms_every_n_steps: int = 0, update_ratio: bool = True):
+        for key, value in (("every_n_steps", every_n_steps), ("activations", activations),
+                           ("histograms_every_n_steps", histograms_every_n_steps), ("update_ratio", update_ratio)):
+            RULES.get(f"telemetry.{key}", check_bool)(key, value)
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError("on_nonfinite", on_nonfinite, "one of " + ", ".join(ON_NONFINITE))
-        if not isinstance(activations, bool):
-            raise ConfigError("activations", activations, "true or false")
         if recorder is not None and not callable(getattr(recorder, "add", None)):
             raise ConfigError("recorder", type(recorder).__name__, "a StepRecorder, or None for one of its own")
         self.recorder = recorder
@@ -151,96 +183,175 @@ class GradientTelemetry(pl.Callback):
         self.activations = activations
         self.on_nonfinite = on_nonfinite
         self.histograms_every_n_steps = histograms_every_n_steps
+        self.update_ratio = update_ratio
         self._own_recorder = recorder is None
+        self.divergence: dict | None = None  # why the run stopped or diverged (kept after fit)
+        self._fired_epoch: torch.Tensor | None = None
+        self._reset()
+
+    @property
+    def state_key(self) -> str:
+        # Distinct settings, distinct keys: Lightning then lets `setup` say how to combine them.
+        return self._generate_state_key(every_n_steps=self.every_n_steps, activations=self.activations,
+                                        histograms_every_n_steps=self.histograms_every_n_steps,
+                                        update_ratio=self.update_ratio)
+
+    def _reset(self) -> None:
+        """Everything a fit builds, dropped: after fit nothing of the model's size stays held."""
         self._disabled = False
         self._warned: set[str] = set()
-        self._active = False
         self._recording = False
-        self._hooks: list = []
+        self._hooks: list[_OutputTap] = []
+        self._step_hooks: list = []
         self._layers: list[tuple[str, nn.Module]] = []
         self._calls: list[list[torch.Tensor]] = []
+        self._versions: list[list[int]] = []
+        self._calls_step: int | None = None  # the optimizer step the calls gathered belong to
         self._every_layer: tuple[int, ...] = ()
-        self._step: int | None = None
-        self._named: list[tuple[str, torch.Tensor]] = []
-        # This step's numbers on the device, each with what turns it into values on the host.
-        self._pending: list[tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]] = []
+        self._step: int | None = None  # a logged step whose update is not measured yet
+        self._last_batch = False  # this batch ends the epoch
+        self._set: _ParamSet | None = None  # of `_step`
+        self._pending: list[tuple[torch.Tensor | np.ndarray, Callable[[np.ndarray], np.ndarray] | None]] = []
         self._pending_tags: list[tuple[str, ...]] = []
-        self._kept: list[torch.Tensor] | None = None
-        self._carry_step: int | None = None  # the step whose weights before it the last step kept
+        self._check: tuple | None = None  # (step, names) of the gradients pending, for the non-finite check
+        self._kept: torch.Tensor | np.ndarray | None = None
         self._world_size: int | None = None  # the processes of this fit (as the recorder's)
-        self._params: list[torch.Tensor] = []
+        self._single_optimizer = True
         self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
         self._network_tensors: list[torch.Tensor] = []
-        self._grads: list[torch.Tensor] = []  # this step's, of `_named`
-        self._grad_key: tuple[str, ...] | None = None
-        self._grad_list: list | None = None  # the `named` list `_params` was taken from
-        self._grad_stats: GradientStats | None = None
-        self._update: UpdateRatio | None = None
-        self._grad_tags: tuple[str, ...] = ()
-        self._update_tags: tuple[str, ...] = ()
+        self._candidates: dict = {}  # per optimizer (several): its parameters, in the network's order
+        self._grads: list[torch.Tensor] = []  # this step's, of the set's parameters
+        self._param_sets: dict[tuple[str, ...], _ParamSet] = {}
+        self._last_named: list | None = None  # the `named` list `_set` was found for
         self._act_stats: dict[tuple, tuple[ActivationStats, tuple[str, ...], list[int]]] = {}
         self._last_act: tuple = (None, None)  # the last step's key into `_act_stats`, and its entry
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
         self._epoch_tags: dict[tuple[int, ...], tuple[str, ...]] = {}
-        self._fired_epoch: torch.Tensor | None = None
-        self._names_cache: dict[tuple, tuple[tuple[str, ...], tuple]] = {}
+        self._names = JoinedNames()
+        self._trainer = None
 
-    # -- setup: the recorder of its own, in any Lightning project -------------------------------
+    # -- setup: the Trainer checked, the recorder of its own ------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or not self._own_recorder or self.recorder is not None:
+        if stage != "fit":
+            return
+        self._refuse_what_cannot_work(trainer)
+        if not self._own_recorder or self.recorder is not None:
             return
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None:
+        loggers = list(trainer.loggers)
+        if not loggers:
             self._disabled = True
             if trainer.is_global_zero:
-                log.warning("GradientTelemetry: no TensorBoardLogger in the Trainer's loggers, so nothing is "
-                            "recorded; add one: Trainer(logger=TensorBoardLogger('logs'), ...)")
+                log.warning("GradientTelemetry: the Trainer has no logger, so nothing is recorded; give it one: "
+                            "Trainer(logger=TensorBoardLogger('logs'), ...) or any other Lightning logger")
             return
-        self._disabled = not trainer.is_global_zero  # one process writes
-        if not self._disabled:
-            self.recorder = StepRecorder(tb_dir=logger.log_dir)
+        tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+        self.recorder = StepRecorder(None if tb is None else tb.log_dir, loggers=[lg for lg in loggers if lg is not tb],
+                                     on_nonfinite_loss=self.on_nonfinite)
+
+    def _refuse_what_cannot_work(self, trainer) -> None:
+        """One line for what this callback cannot do right, before any work."""
+        others = [cb for cb in trainer.callbacks if isinstance(cb, GradientTelemetry) and cb is not self]
+        if others:
+            raise MisconfigurationException(
+                f"GradientTelemetry: {len(others) + 1} instances in one Trainer would write the same tags; use one "
+                "that takes every schedule, e.g. GradientTelemetry(every_n_steps=1, histograms_every_n_steps=100)")
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in _SHARDED):
+            raise MisconfigurationException(
+                f"GradientTelemetry: the {strategy} shards parameters and gradients across processes, so each "
+                "process sees a part of them; use a strategy that keeps whole parameters (ddp, single device)")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._release()
+
+    def _release(self) -> None:
+        self._remove_hooks()
+        if getattr(self.recorder, "divergence", None) is not None:
+            self.divergence = dict(self.recorder.divergence)
         if self._own_recorder and self.recorder is not None:
             self.recorder.close()
             self.recorder = None
+        self._fired_epoch = None
+        self._reset()
 
     # -- when ----------------------------------------------------------------------------------
+    def _logs(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
     def on_fit_start(self, trainer, pl_module) -> None:
         if self._disabled:
             return
         if self._own_recorder:
             self.recorder.on_fit_start(trainer, pl_module)
+        self._trainer = trainer
         network = network_of(pl_module)
-        self._carry_step = self._world_size = None
+        self._world_size = None
         self._network_params = list(network.named_parameters())
         self._network_tensors = [p for _, p in self._network_params]
+        optimizers = [getattr(opt, "_optimizer", opt) for opt in trainer.optimizers]
+        self._single_optimizer = len(optimizers) <= 1
+        self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in optimizers]
         self._layers = relu_layers(network) if self.activations else []
         self._calls = [[] for _ in self._layers]
+        self._versions = [[] for _ in self._layers]
         self._every_layer = tuple(range(len(self._layers)))
-        if self.every_n_steps == 1:
+        if self.activations and trainer.is_global_zero:
+            self._say_what_is_not_watched(network)
+        if self.every_n_steps == 1 and self._layers:
             self._add_hooks()  # every step logs: keep them for the whole fit
         # Written on every fit, resumes included: TensorBoard keeps the latest layout.
         params = [n for n, p in network.named_parameters() if p.requires_grad]
         self.recorder.add_layout(tags.custom_scalars_layout(params, [n for n, _ in self._layers]))
 
+    def _say_what_is_not_watched(self, network: nn.Module) -> None:
+        unwatched: dict[str, list[str]] = {}
+        for name, module in network.named_modules():
+            if isinstance(module, OTHER_ACTIVATIONS) and not isinstance(module, DEAD_UNIT_MODULES):
+                unwatched.setdefault(type(module).__name__, []).append(name)
+        if not unwatched and (self._layers or not self._own_recorder):
+            return
+        listed = "; ".join(f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                           for kind, names in unwatched.items())
+        log.warning("GradientTelemetry: act/ tags cover nn.ReLU and nn.ReLU6 modules only (%d here)%s; "
+                    "activations called as functions (F.relu, torch.relu) are not seen", len(self._layers),
+                    f"; not watched: {listed}" if listed else "")
+
     def _add_hooks(self) -> None:
-        self._hooks = [_OutputTap(module, calls, self) for (_, module), calls in zip(self._layers, self._calls,
-                                                                                      strict=True)]
+        self._hooks = [_OutputTap(module, calls, self, versions) for (_, module), calls, versions
+                       in zip(self._layers, self._calls, self._versions, strict=True)]
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    def _remove_taps(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _clear_calls(self) -> None:
+        list(map(list.clear, self._calls))
+        list(map(list.clear, self._versions))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._active = not self._disabled and trainer.global_step % self.every_n_steps == 0
-        list(map(list.clear, self._calls))
-        self._recording = self._active
-        if self._active and self.every_n_steps > 1:
+        if self._disabled:
+            return
+        step = trainer.global_step
+        self._last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if self._calls_step != step:  # a new step: what earlier batches gathered is not its own
+            self._clear_calls()
+            self._calls_step = step
+        self._recording = bool(self._layers) and self._logs(step)
+        if self._recording and not self._hooks:  # added once, whatever the micro-batches
             self._add_hooks()
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -248,51 +359,91 @@ class GradientTelemetry(pl.Callback):
             self.recorder.on_before_backward(trainer, pl_module, loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._active:
+        if self._disabled:
             return
-        self._active = self._recording = False
-        if self.every_n_steps > 1:
-            self._remove_hooks()
-        self._step = step = trainer.global_step
-        named = self._named = self._with_gradients(pl_module)
+        self._after_optimizer_step()  # an earlier step whose optimizer did not step (AMP skipped it)
+        step = trainer.global_step
+        # The forward passes after this step (manual optimization) belong to the next one.
+        logged, self._recording = self._logs(step), bool(self._layers) and self._logs(step + 1)
+        if self._recording and not self._hooks:
+            self._add_hooks()
+        if not logged:
+            self._clear_calls()
+            self._calls_step = step + 1
+            return
+        named = self._with_gradients(getattr(optimizer, "_optimizer", optimizer))
         if named:
-            self._add_gradient_stats(named)
+            self._add_gradient_stats(named, step)
         if any(self._calls):
             self._add_activation_stats()
+        self._clear_calls()
+        self._calls_step = step + 1
         if self.histograms_every_n_steps and step % self.histograms_every_n_steps == 0:
             for name, param in named:
                 self.recorder.add_histogram(tags.grad_histogram(name), param.grad.detach(), step)
+        self._step = step
         if named and self.on_nonfinite == "stop":
             # The update must not happen with a non-finite gradient: decide now, on the host.
-            names, values = self._step_names(), self._transfer()
+            names, values = self._step_names(), Readback(self._pending, defer=False).result()
+            self._pending, self._pending_tags = [], []
+            checked, self._check = self._check, None
+            self.recorder.add(names, values, step=step)
+            self._check_finite(trainer, checked, values)
+
+    def _after_optimizer_step(self, *_) -> None:
+        """The end of a logged step (the optimizer's step hook, or the hooks after it): the update
+        ratio measured, the step's numbers handed to the recorder."""
+        step, self._step = self._step, None
+        if step is None:
+            return
+        entry = self._set
+        if self._kept is not None:
+            # Every step logs (one optimizer): the weights now are the next step's weights before it.
+            carry = self.every_n_steps == 1 and self._single_optimizer
+            self._pending.append(entry.update.pending(self._kept, entry.params, carry=carry))
+            entry.carry_step = step + 1 if carry else None
+            self._pending_tags.append(entry.update_tags)
+            self._kept = None
+        if self._last_batch and self._fired_epoch is not None:
+            self._add_epoch_dead_fraction()
+        self._hand_over(step)
+
+    def _hand_over(self, step: int) -> None:
+        if not self._pending:
+            return
+        names = self._step_names()
+        readback = Readback(self._pending, getattr(self.recorder, "defer", None))
+        self._pending, self._pending_tags = [], []
+        checked, self._check = self._check, None
+        trainer = self._trainer
+        if not readback.deferred:  # read now (the CPU): the recorder gets numbers, checked here
+            values = readback.result()
             self.recorder.add(names, values)
-            self._check_finite(trainer, step, values[: len(self._grad_tags)])
+            if checked is not None and self.on_nonfinite == "warn":
+                self._check_finite(trainer, checked, values)
+            return
+        on_read = None
+        if checked is not None and self.on_nonfinite == "warn":
+            def on_read(values, checked=checked):
+                self._check_finite(trainer, checked, values)
+        self.recorder.add(names, readback, step=step, on_read=on_read)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._step is not None:
-            self._finish_step(trainer, batch_idx)
-        elif self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
-            self._add_epoch_dead_fraction()
-            self.recorder.add(self._step_names(), self._transfer())
-        if self._own_recorder and not self._disabled:
+        if self._disabled:
+            return
+        self._after_optimizer_step()
+        self._recording = False  # a validation loop next is not a training step's
+        if self._last_batch and self._fired_epoch is not None and not self._logs(trainer.global_step - 1):
+            self._add_epoch_dead_fraction()  # the epoch ends on a step that is not logged
+            self._hand_over(trainer.global_step - 1)
+        if self.every_n_steps > 1 and self._hooks and not self._logs(trainer.global_step):
+            self._remove_taps()  # removed once, when the next step does not log
+        if self._own_recorder:
             self.recorder.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def _finish_step(self, trainer, batch_idx: int) -> None:
-        step, self._step = self._step, None
-        if self._kept is not None:
-            # Every step logs: the weights now are the next step's weights before it (`carry`).
-            carry = self.every_n_steps == 1
-            self._pending.append(self._update.pending(self._kept, self._params, carry=carry))
-            self._carry_step = step + 1 if carry else None
-            self._pending_tags.append(self._update_tags)
-            self._kept = None
-        if self._fired_epoch is not None and batch_idx + 1 >= trainer.num_training_batches:
-            self._add_epoch_dead_fraction()
-        names, values = self._step_names(), self._transfer()  # the step's one device-to-host transfer
-        self.recorder.add(names, values)
-        if self._named and self.on_nonfinite == "warn":
-            self._check_finite(trainer, step, values[: len(self._grad_tags)])
-        self._named, self._grads = [], []
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._own_recorder and self.recorder is not None:
+            self.recorder.on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self._own_recorder and self.recorder is not None:
@@ -308,59 +459,90 @@ class GradientTelemetry(pl.Callback):
         self._epoch_layers = self._epoch_stats = None
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._disabled:
+            return
+        self._after_optimizer_step()
         self._remove_hooks()
+        if self._own_recorder:
+            self.recorder.on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._remove_hooks()
         if self._own_recorder and self.recorder is not None:
             self.recorder.on_exception(trainer, pl_module, exception)
-            self.recorder.close()
-            self.recorder = None
+        self._release()
 
     # -- what -----------------------------------------------------------------------------------
-    def _with_gradients(self, pl_module) -> list[tuple[str, torch.Tensor]]:
+    def _with_gradients(self, optimizer) -> list[tuple[str, torch.Tensor]]:
         """The (name, parameter) pairs that have a gradient this step: every parameter of the
-        network, usually, as one cached list (the statistics objects are cached by it); their
-        gradients go to `_grads`."""
+        network (one optimizer), or those of the optimizer stepping (several), usually as one
+        cached list (the statistics objects are found by it); their gradients go to `_grads`."""
         if self._network_params is None:  # called outside a fit
-            self._network_params = list(network_of(pl_module).named_parameters())
+            self._network_params = list(self._network_of_trainer().named_parameters())
             self._network_tensors = [p for _, p in self._network_params]
-        grads = list(map(_GRAD, self._network_tensors))
+        if self._single_optimizer:
+            candidates, tensors = self._network_params, self._network_tensors
+        else:
+            entry = self._candidates.get(optimizer)
+            if entry is None:
+                owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+                named = [(n, p) for n, p in self._network_params if id(p) in owned]
+                entry = self._candidates[optimizer] = named, [p for _, p in named]
+            candidates, tensors = entry
+        grads = list(map(_GRAD, tensors))
         if all(map(operator.is_not, grads, itertools.repeat(None))):  # not `None in`: that calls Tensor.__eq__
             self._grads = grads
-            return self._network_params
-        named = [(n, p) for n, p in self._network_params if p.grad is not None]
+            return candidates
+        named = [(n, p) for n, p in candidates if p.grad is not None]
         self._grads = [p.grad for _, p in named]
         return named
 
-    def _add_gradient_stats(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        if named is not self._grad_list:  # usually the same cached list, step after step
+    def _network_of_trainer(self) -> nn.Module:
+        return network_of(self._trainer.lightning_module)
+
+    def _add_gradient_stats(self, named: list[tuple[str, torch.Tensor]], step: int) -> None:
+        if named is not self._last_named:  # usually the same cached list, step after step
             key = tuple(n for n, _ in named)
-            if key != self._grad_key:
-                self._grad_key = key
-                sizes = [p.numel() for _, p in named]
-                self._grad_stats, self._update = GradientStats(sizes), UpdateRatio(sizes)
-                self._grad_tags = (tuple(tags.grad(n, stat) for n in key for stat in tags.GRAD_STATS)
-                                   + (tags.GLOBAL_NORM,))
-                self._update_tags = tuple(tags.update(n) for n in key)
-            self._grad_list = named
-            self._params = [p for _, p in named]
-        # A copy, read under no_grad (no detach needed), or the one the last step carried over.
-        self._kept = self._update.before(self._params, reuse=self._carry_step == self._step)
+            entry = self._param_sets.get(key)
+            if entry is None:
+                entry = self._param_sets[key] = _ParamSet(named, self.update_ratio)
+            self._set, self._last_named = entry, named
+        entry = self._set
+        if entry.update is not None:
+            # A copy, read under no_grad (no detach needed), or the one the last step carried over.
+            self._kept = entry.update.before(entry.params, reuse=entry.carry_step == step)
         # Per-parameter rows, then the global norm. Weights the CPU kernels took (kept in numpy)
         # vouch for their gradients' dtype, device and size: autograd keeps them those of the weight.
-        self._pending.append(self._grad_stats.pending(self._grads, checked=isinstance(self._kept, np.ndarray)))
-        self._pending_tags.append(self._grad_tags)
+        self._pending.append(entry.grad_stats.pending(self._grads, checked=isinstance(self._kept, np.ndarray)))
+        self._pending_tags.append(entry.grad_tags)
+        self._check = (step, entry.names if len(named) == len(entry.names) else tuple(n for n, _ in named),
+                       len(self._pending_tags) - 1)
+
+    def _changed_in_place(self) -> list[int]:
+        """The layers one of whose outputs was modified in place after the tap read it (its
+        version counter moved): their numbers would describe what the later op made of them."""
+        return [i for i, (made, versions) in enumerate(zip(self._calls, self._versions, strict=True))
+                if list(map(_VERSION, made)) != versions]
 
     def _add_activation_stats(self) -> None:
         calls = self._calls
         if list(map(len, calls)).count(1) == len(calls):  # every layer called once (C loops: ~49 layers)
-            present, outputs = self._every_layer, list(map(_FIRST, calls))
+            outputs = list(map(_FIRST, calls))
+            changed = [] if list(map(_VERSION, outputs)) == list(map(_FIRST, self._versions)) \
+                else self._changed_in_place()
+            present = self._every_layer
+            if changed:
+                present = tuple(i for i in present if i not in changed)
+                outputs = [outputs[i] for i in present]
         else:
-            present = tuple(i for i, made in enumerate(calls) if made)
+            changed = self._changed_in_place()
+            present = tuple(i for i, made in enumerate(calls) if made and i not in changed)
             # One call: its output as it is; several: concatenated (`unit_view`).
-            outputs = [made[0] if len(made) == 1 else unit_view(made) for made in calls if made]
-        list(map(list.clear, calls))
+            outputs = [calls[i][0] if len(calls[i]) == 1 else unit_view(calls[i]) for i in present]
+        if changed:
+            self._say_changed(changed)
+        self._clear_calls()
+        if not present:
+            return
         key = (present, tuple(map(_SHAPE, outputs)))
         if key == self._last_act[0]:  # the last step's layers and shapes: no hashing of ~49 shapes
             entry = self._last_act[1]
@@ -387,6 +569,14 @@ class GradientTelemetry(pl.Callback):
         self._pending_tags.append(act_tags)
         self._epoch_layers, self._epoch_stats = present, stats
 
+    def _say_changed(self, changed: list[int]) -> None:
+        new = [self._layers[i][0] for i in changed if f"inplace:{i}" not in self._warned]
+        self._warned.update(f"inplace:{i}" for i in changed)
+        if new:
+            log.warning("GradientTelemetry: the output of ReLU layer %s was modified in place after it (an in-place "
+                        "op such as x.add_() or Dropout(inplace=True) follows it), so its act/ numbers would describe "
+                        "the modified values; left out of the steps where this happens", ", ".join(new))
+
     def _add_epoch_dead_fraction(self) -> None:
         fired, self._fired_epoch = self._fired_epoch, None
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
@@ -396,43 +586,20 @@ class GradientTelemetry(pl.Callback):
                               else never_fired, None))
         key = tuple(self._epoch_layers)
         epoch_tags = self._epoch_tags.get(key)
-        if epoch_tags is None:  # one tuple object per set of layers: the names caches key by identity
+        if epoch_tags is None:  # one tuple object per set of layers: the names cache keys by identity
             epoch_tags = self._epoch_tags[key] = tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in key)
         self._pending_tags.append(epoch_tags)
 
     def _step_names(self) -> tuple[str, ...]:
         """This step's tags, one tuple object per combination (the recorder caches by it)."""
-        # Keyed by the groups' identities (hashing ~700 strings a step costs more): the cache
-        # keeps the groups alive, so an id is never reused for another group.
-        key = tuple(map(id, self._pending_tags))
-        cached = self._names_cache.get(key)
-        if cached is None:
-            if len(self._names_cache) > 64:  # a caller making new tuples each step: do not grow
-                self._names_cache.clear()
-            groups = tuple(self._pending_tags)
-            cached = self._names_cache[key] = tuple(n for group in groups for n in group), groups
-        return cached[0]
+        return self._names.join(self._pending_tags)
 
-    def _transfer(self) -> np.ndarray:
-        """Everything pending as one float64 vector, finished on the host; clears it. Tensors
-        come over in one transfer (the step's one device-to-host synchronisation); what the CPU
-        kernels made is there already (numpy arrays)."""
-        pending, self._pending, self._pending_tags = self._pending, [], []
-        if not pending:
-            return np.empty(0)
-        tensors = [values.reshape(-1) for values, _ in pending if isinstance(values, torch.Tensor)]
-        if not tensors:  # all on the host already (the CPU kernels)
-            return np.concatenate([values if finish is None else finish(values) for values, finish in pending])
-        host = (torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
-        parts, start = [], 0
-        for values, finish in pending:
-            if isinstance(values, torch.Tensor):
-                end = start + values.numel()
-                values, start = host[start:end], end
-            parts.append(values if finish is None else finish(values))
-        return np.concatenate(parts).astype(np.float64, copy=False)  # a new array: never a view of a buffer
-
-    def _check_finite(self, trainer, step: int, grad_values: np.ndarray) -> None:
+    def _check_finite(self, trainer, checked: tuple | None, values: np.ndarray) -> None:
+        """`checked`: (step, parameter names, the position of the gradient rows among the groups)."""
+        if checked is None:
+            return
+        step, names, _ = checked
+        grad_values = values[: len(names) * len(tags.GRAD_STATS) + 1]
         # A finite global norm (last) means every gradient is finite: one number, not a column.
         # (An infinite one may still come from finite float64 gradients above ~1e154: count.)
         if math.isfinite(grad_values[-1]):
@@ -440,16 +607,20 @@ class GradientTelemetry(pl.Callback):
         counts = grad_values[_NONFINITE:-1:len(tags.GRAD_STATS)]  # the rows' nonfinite column
         if not counts.any():
             return
-        bad = [name for (name, _), count in zip(self._named, counts, strict=True) if count > 0]
+        bad = [f"{name} ({int(count)} values)" for name, count in zip(names, counts, strict=True) if count > 0]
         reason = f"non-finite gradient at step {step} in {', '.join(bad)}"
         if self.on_nonfinite == "stop":
             # Drop the gradients so this step's update leaves the weights (and last.ckpt) finite.
             for param in network_of(trainer.lightning_module).parameters():
                 param.grad = None
             self.recorder.diverge(step, reason, trainer)
+            log.warning("GradientTelemetry: %s; that step's update skipped and training stopped (on_nonfinite=stop)",
+                        reason)
             return
         self.recorder.diverge(step, reason, trainer, stop=False)
-        new = [name for name in bad if name not in self._warned]
+        new = [entry for entry, name in zip(bad, (b.split(" (")[0] for b in bad), strict=True)
+               if name not in self._warned]
         if new:
-            self._warned.update(new)
-            log.warning("non-finite gradient at step %d in %s", step, ", ".join(new))
+            self._warned.update(b.split(" (")[0] for b in new)
+            log.warning("GradientTelemetry: non-finite gradient at step %d in %s; logged, training goes on "
+                        "(on_nonfinite=warn)", step, ", ".join(new))

@@ -1,13 +1,20 @@
-"""The step recorder: the one owner of a run's TensorBoard output, and of its parquet rows.
+"""The step recorder: the one owner of a run's TensorBoard output, its parquet rows, and what goes
+to any other Lightning logger.
 
 Telemetry hands its numbers to `add()`; the recorder adds the loss, the learning rate and the
-module's `step_metrics` and writes everything once per step, so TensorBoard gets one event (not
-one per tag) and nothing is logged through `LightningModule.log`. The layout, histograms, hparams
-and text go into the same event file.
+module's `step_metrics` and writes everything once per optimizer step, so TensorBoard gets one
+event (not one per tag), every other logger one `log_metrics` call, and nothing is logged through
+`LightningModule.log`. The layout, histograms, hparams and text go into the same event file.
+
+A step's numbers may still be on their way from the device (`Readback`): on a GPU they are copied
+to pinned host memory without waiting, and read when a later step ends, at a flush, a checkpoint
+or the end of fit; on a CPU they are read at once.
 """
 
+import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -15,17 +22,21 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from gradwatch.config.errors import ConfigError, check_int, is_number
+from gradwatch.config.checks import RULES
 from gradwatch.storage.events import EventFile, histogram_summary, hparams_summaries, layout_summary, text_summary
+from gradwatch.storage.names import JoinedNames
 from gradwatch.storage.parquet import ParquetSink
 from gradwatch.telemetry import tags
 from gradwatch.telemetry.distributed import is_rank_zero, mean_over_processes, world
 
+log = logging.getLogger(__name__)
+
 _HEAD = (tags.LOSS, tags.LR)
+_LR = (tags.LR,)
 
 
 class Sink(Protocol):
-    """Where a step's scalars go: `EventFile` (TensorBoard) and `ParquetSink`."""
+    """Where a step's scalars go: `EventFile` (TensorBoard), `ParquetSink`, `LoggerSink`."""
 
     def write(self, step: int, names: tuple[str, ...], values: np.ndarray) -> None: ...
 
@@ -34,9 +45,101 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class LoggerSink:
+    """Any Lightning logger (CSV, MLflow, W&B, ...) as a sink: one `log_metrics` call a step, with
+    every tag of the step, as Lightning's own callbacks write through `trainer.loggers`."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def write(self, step: int, names: tuple[str, ...], values: np.ndarray) -> None:
+        self.logger.log_metrics(dict(zip(names, values.tolist(), strict=True)), step=step)
+
+    def flush(self) -> None:
+        self.logger.save()
+
+    def close(self) -> None:
+        self.logger.save()
+
+
+class Readback:
+    """One step's numbers on their way to the host: `parts` are (values, finish) pairs, values a
+    device tensor or a numpy array already on the host, `finish` what turns them into the logged
+    numbers (None: nothing). `result()` is the float64 vector of every part, finished, in order.
+
+    With `defer`, the tensors are copied into host memory without blocking (pinned, on a GPU),
+    behind a CUDA event: the copy is queued after the kernels that made them, so the device
+    buffers may be reused by the next step, and `result()` waits only for what is not there yet.
+    Without it (the CPU: nothing to wait for) they are read at once. `defer=None`: defer when
+    the values are on a CUDA device.
+    """
+
+    __slots__ = ("_parts", "_host", "_event", "_result", "deferred")
+
+    def __init__(self, parts: Sequence[tuple[object, Callable | None]], defer: bool | None = None):
+        self._parts = list(parts)
+        self._event = None
+        self._result: np.ndarray | None = None
+        self.deferred = False  # True until `result()` while the numbers may still be on their way
+        tensors = [values.reshape(-1) for values, _ in self._parts if isinstance(values, torch.Tensor)]
+        if not tensors:
+            self._host = None
+            return
+        flat = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        if defer is None:
+            defer = flat.is_cuda
+        self.deferred = bool(defer)
+        if not defer:
+            self._host = flat.cpu().numpy()
+        elif flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._host = host.numpy()
+        else:  # deferred on the CPU (tests): a copy, as the pinned buffer is one
+            self._host = flat.clone().numpy()
+        # What is on the host already may be a buffer the next step overwrites (the CPU kernels').
+        self._parts = [(values.copy() if isinstance(values, np.ndarray) else values, finish)
+                       for values, finish in self._parts]
+
+    def result(self) -> np.ndarray:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+                self._event = None
+            parts, start = [], 0
+            for values, finish in self._parts:
+                if isinstance(values, torch.Tensor):
+                    end = start + values.numel()
+                    values, start = self._host[start:end], end
+                parts.append(values if finish is None else finish(values))
+            # A new array: never a view of a buffer the next step overwrites.
+            self._result = (np.concatenate(parts).astype(np.float64, copy=False) if len(parts) != 1
+                            else np.array(parts[0], dtype=np.float64))
+            self._parts = self._host = None
+            self.deferred = False
+        return self._result
+
+
+class _Step:
+    """What one optimizer step has gathered so far."""
+
+    __slots__ = ("step", "backward_loss", "output_losses", "groups", "head", "closed_at")
+
+    def __init__(self, step: int):
+        self.step = step
+        self.backward_loss: torch.Tensor | None = None  # the sum of the losses backward() was given
+        self.output_losses: list[torch.Tensor] = []  # training_step's, as Lightning reports them (automatic)
+        self.groups: list[tuple[tuple[str, ...], object, Callable | None]] = []
+        self.head: list[tuple[tuple[str, ...], object]] | None = None  # set when the step ends
+        self.closed_at = -1  # the number of the batch end that closed it
+
+
 class StepRecorder(pl.Callback):
-    """Records `train/loss`, `lr`, the module's `step_metrics` and whatever telemetry adds, every
-    step, to one TensorBoard event file and (with `metrics_dir`) to parquet.
+    """Records `train/loss`, `lr`, the module's `step_metrics` and whatever telemetry adds, once per
+    optimizer step, to one TensorBoard event file, to parquet (with `metrics_dir`) and to any
+    other Lightning logger (`loggers`).
 
     Example::
 
@@ -46,32 +149,47 @@ class StepRecorder(pl.Callback):
     Nothing is created on disk before training starts. The hooks work when another callback
     calls them directly (as a standalone `GradientTelemetry` does).
 
+    A step is the optimizer step it belongs to: with gradient accumulation its loss is the mean
+    of its micro-batches' losses (the sum of what Lightning reports for each, which it divides
+    by their number), written when the step's last micro-batch ends; with manual optimization
+    each `manual_backward` loss counts at the global step it was computed at (a GAN's two
+    optimizers: two steps, two losses).
+
     Args:
-        tb_dir: TensorBoard's folder for this run.
-        metrics_dir: the parquet parts' folder; None writes TensorBoard only.
+        tb_dir: TensorBoard's folder for this run; None: no event file.
+        metrics_dir: the parquet parts' folder; None writes no parquet.
         flush_every_n_steps, flush_every_s: flush the sinks when either is reached.
-        purge_from_step: on resume, drop what was logged at or after this step.
+        purge_from_step: on resume, drop what was logged at or after this step (None: the
+            step of the checkpoint Lightning resumes from, if any).
+        loggers: other Lightning loggers that get every step's numbers (`LoggerSink`).
+        on_nonfinite_loss: `stop` (end training, the run diverged) or `warn` (one line, go on);
+            None: stop without a line of its own (the pipeline reports it).
+        defer: read device numbers a step late (None: on CUDA devices only).
     """
 
-    def __init__(self, tb_dir: Path, metrics_dir: Path | None = None, flush_every_n_steps: int = 100,
-                 flush_every_s: float = 5.0, purge_from_step: int | None = None):
-        check_int("log.flush_every_n_steps", flush_every_n_steps, minimum=1)
-        if not is_number(flush_every_s) or not flush_every_s >= 0 or not math.isfinite(flush_every_s):
-            raise ConfigError("log.flush_every_s", flush_every_s, "a number >= 0 (seconds)")
-        self.tb_dir = Path(tb_dir)
+    def __init__(self, tb_dir: Path | None, metrics_dir: Path | None = None, flush_every_n_steps: int = 100,
+                 flush_every_s: float = 5.0, purge_from_step: int | None = None, *, loggers: Sequence = (),
+                 on_nonfinite_loss: str | None = None, defer: bool | None = None):
+        RULES["log.flush_every_n_steps"]("log.flush_every_n_steps", flush_every_n_steps)
+        RULES["log.flush_every_s"]("log.flush_every_s", flush_every_s)
+        self.tb_dir = None if tb_dir is None else Path(tb_dir)
         self.metrics_dir = None if metrics_dir is None else Path(metrics_dir)
         self.purge_from_step = purge_from_step
+        self.loggers = list(loggers)
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.defer = defer
         self.events: EventFile | None = None
         self.sinks: list[Sink] = []
         self.flush_every_n_steps = flush_every_n_steps
         self.flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
-        self._pending: list[tuple[tuple[str, ...], np.ndarray]] = []
-        self._names: dict[tuple[int, ...], tuple[tuple[str, ...], tuple]] = {}
+        self._steps: dict[int, _Step] = {}  # gathered, not yet written, in step order
+        self._current: int | None = None  # the step of the last backward
+        self._batch_ends = 0
+        self._names = JoinedNames()
         self._metric_names: tuple[str, ...] = ()
         self._world_size: int | None = None  # the processes of this fit
-        self._loss: torch.Tensor | None = None
-        self._loss_step: int | None = None
+        self._trainer = None
         self._written_step: int | None = None
         # What the run's record needs at the end.
         self.losses: list[tuple[int, float]] = []
@@ -80,9 +198,14 @@ class StepRecorder(pl.Callback):
         self.divergence: dict | None = None
 
     # -- what telemetry calls -------------------------------------------------------------
-    def add(self, names: tuple[str, ...], values: np.ndarray) -> None:
-        """Values for this step's event; `names` is best the same tuple object every step."""
-        self._pending.append((names, values))
+    def add(self, names: tuple[str, ...], values, step: int | None = None,
+            on_read: Callable[[np.ndarray], None] | None = None) -> None:
+        """Values for a step's event (default: the step of the last backward): a numpy array, or a
+        `Readback` still on its way; `on_read(values)` is called when they are read. `names` is
+        best the same tuple object every step."""
+        if step is None:
+            step = 0 if self._current is None else self._current
+        self._step(step).groups.append((names, values, on_read))
 
     def add_layout(self, layout: dict) -> None:
         """TensorBoard's custom-scalars layout (`tags.custom_scalars_layout`); the latest one counts."""
@@ -115,39 +238,63 @@ class StepRecorder(pl.Callback):
             trainer.should_stop = True
 
     # -- Lightning hooks --------------------------------------------------------------------
-    def _open(self) -> EventFile:
+    def _open(self):
         """The sinks, created on first use (a hook or an `add_*` call)."""
         if self.events is None and not is_rank_zero():
             self.events = _Discard()  # a distributed run's other processes write nothing
         if self.events is None:
-            self.events = EventFile(self.tb_dir, purge_from_step=self.purge_from_step)
-            self.sinks = [self.events]
+            if self.tb_dir is not None:
+                self.events = EventFile(self.tb_dir, purge_from_step=self.purge_from_step)
+                self.sinks = [self.events]
+            else:
+                self.events = _Discard()
             if self.metrics_dir is not None:
                 self.sinks.append(ParquetSink(self.metrics_dir, purge_from_step=self.purge_from_step))
+            self.sinks += [LoggerSink(logger) for logger in self.loggers]
         return self.events
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Resumed from a checkpoint: what was logged after it is dropped (TensorBoard, parquet).
+        if self.purge_from_step is None and self.events is None:
+            self.purge_from_step = int(checkpoint.get("global_step", 0))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._world_size = None
+        self._trainer = trainer
         self._open()
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        self._loss, self._loss_step = loss.detach(), trainer.global_step
+        self._current = step = trainer.global_step
+        record = self._step(step)
+        loss = loss.detach()
+        record.backward_loss = loss if record.backward_loss is None else record.backward_loss + loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._write_step(trainer, pl_module)
+        self._batch_ends += 1
+        if self._current is not None and getattr(pl_module, "automatic_optimization", False):
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            if isinstance(loss, torch.Tensor):
+                self._step(self._current).output_losses.append(loss.detach())
+        self._close_steps(trainer, pl_module)
+        self._write_steps(later_than=self._batch_ends)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flush()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # The optimizer may have stepped before the interruption reached on_train_batch_end:
         # the step is written, so the logs match the checkpoint saved at this global_step.
-        if self._loss_step is not None and trainer.global_step > self._loss_step:
-            self._write_step(trainer, pl_module)
+        self._close_steps(trainer, pl_module)
         self.flush()
 
     def close(self) -> None:
-        """Flush the sinks and close them; the caller does it once fit has returned."""
+        """Flush the sinks and close them; the caller does it once fit has returned. What is
+        not written by then (a step the optimizer never took) is dropped."""
         self.flush()
         for sink in self.sinks:
             sink.close()
+        self._steps.clear()
+        self._trainer = None
 
     # -- checkpointed state -------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -173,71 +320,143 @@ class StepRecorder(pl.Callback):
         self.divergence = state_dict.get("divergence")
 
     # -- writing ------------------------------------------------------------------------------
-    def _head(self, trainer, pl_module) -> list[tuple[tuple[str, ...], np.ndarray]]:
-        """The loss, the learning rate and the module's step metrics, with one transfer to the host."""
+    def _step(self, step: int) -> _Step:
+        record = self._steps.get(step)
+        if record is None:
+            record = self._steps[step] = _Step(step)
+        return record
+
+    def _close_steps(self, trainer, pl_module) -> None:
+        """Steps the optimizer has taken (global_step is past them) get their loss, learning rate
+        and step metrics, still on the device where they are."""
+        for record in self._steps.values():
+            if record.head is None and record.step < trainer.global_step:
+                record.head = self._head(trainer, pl_module, record)
+                record.closed_at = self._batch_ends
+
+    def _head(self, trainer, pl_module, record: _Step) -> list:
+        """The loss, the learning rate and the module's step metrics: one readback."""
         metrics = getattr(pl_module, "step_metrics", None) or {}
-        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
+        lr = np.array([float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan])
+        if record.output_losses:
+            # Lightning's are divided by the micro-batches of a step: their sum is the mean loss.
+            losses = record.output_losses
+            loss = losses[0] if len(losses) == 1 else torch.stack(losses).double().sum()
+        else:
+            loss = record.backward_loss
+        if loss is None:  # no backward this step (telemetry only)
+            return [(_LR, lr)]
         if self._world_size is None:  # once a fit: the processes are set up before it starts
             self._world_size = world()[1]
-        if not metrics and self._world_size == 1:  # the loss alone: one transfer, no stack (~5 tensor operations less)
-            self._metric_names = ()
-            return [(_HEAD, np.array([float(self._loss), lr]))]
+        if not metrics and self._world_size == 1 and not self.defer and not loss.is_cuda:
+            self._metric_names = ()  # the loss alone, on the host: no stack (~5 tensor operations less)
+            return [(_HEAD, np.array([float(loss), lr[0]]))]
         if tuple(metrics) != self._metric_names:
             self._metric_names = tuple(metrics)
-        tensors = [self._loss.reshape(()).to(torch.float64)]
-        tensors += [value.detach().reshape(()).to(device=self._loss.device, dtype=torch.float64)
+        tensors = [loss.reshape(()).to(torch.float64)]
+        tensors += [value.detach().reshape(()).to(device=loss.device, dtype=torch.float64)
                     for value in metrics.values()]
         # The mean over processes (a distributed run): the loss of the global batch.
-        values = mean_over_processes(torch.stack(tensors)).cpu().numpy()
-        head = [(_HEAD, np.array([values[0], lr]))]
+        values = Readback([(mean_over_processes(torch.stack(tensors)), None)], self.defer)
+        head = [(_HEAD, _WithLr(values, lr[0], 0, 1))]
         if self._metric_names:
-            head.append((self._metric_names, values[1:]))
+            head.append((self._metric_names, _WithLr(values, None, 1, None)))
         return head
 
-    def _write_step(self, trainer, pl_module) -> None:
-        step = self._loss_step
-        if step is None or self._loss is None or step == self._written_step:
+    def _write_steps(self, later_than: int | None = None) -> None:
+        """Write the closed steps in order; with `later_than`, a step whose numbers are still on
+        their way is left for a later batch end (so reading them does not wait)."""
+        for step in list(self._steps):
+            record = self._steps[step]
+            if record.head is None:
+                break  # not taken yet: the steps after it wait too (their order is kept)
+            if later_than is not None and record.closed_at >= later_than and self._in_flight(record):
+                break
+            del self._steps[step]
+            self._write(record)
+
+    @staticmethod
+    def _in_flight(record: _Step) -> bool:
+        return any(isinstance(values, Readback | _WithLr) and values.deferred
+                   for _, values, *_ in (*record.head, *record.groups))
+
+    def _write(self, record: _Step) -> None:
+        step = record.step
+        if step == self._written_step:
             return
-        groups = [*self._head(trainer, pl_module), *self._pending]
-        # Keyed by the tuples' identities (hashing ~700 tags a step costs more); the cache keeps
-        # the tuples alive, so an id is never reused for another tuple.
-        key = tuple(id(names) for names, _ in groups)
-        cached = self._names.get(key)
-        if cached is None:
-            if len(self._names) > 64:  # a caller making new tuples each step: do not grow
-                self._names.clear()
-            parts = tuple(names for names, _ in groups)
-            cached = self._names[key] = tuple(n for part in parts for n in part), parts
-        names = cached[0]
+        groups = []
+        for names, values in record.head:
+            groups.append((names, values.result() if not isinstance(values, np.ndarray) else values))
+        for names, values, on_read in record.groups:
+            if not isinstance(values, np.ndarray):
+                values = values.result()
+            if on_read is not None:
+                on_read(values)
+            groups.append((names, values))
+        names = self._names.join([names for names, _ in groups])
         values = np.concatenate([v for _, v in groups])
 
         self._open()
         for sink in self.sinks:
             sink.write(step, names, values)
         self._written_step = step
-        self._pending = []
-        self._loss, self._loss_step = None, None
-        loss_value = float(values[0])
-        self.losses.append((step, loss_value))
         for group in groups:
             self._latest[id(group[0])] = group
         if len(self._latest) > 64:  # new tuples of the same tags: keep the latest of each
             by_names = {names: values for names, values in self._latest.values()}
             self._latest = {id(names): (names, values) for names, values in by_names.items()}
-        if not math.isfinite(loss_value):
-            self.diverge(step, f"non-finite loss ({loss_value}) at step {step}", trainer)
+        if groups[0][0] is _HEAD:
+            loss_value = float(groups[0][1][0])
+            self.losses.append((step, loss_value))
+            if not math.isfinite(loss_value):
+                self._nonfinite_loss(step, loss_value)
 
         if (step + 1) % self.flush_every_n_steps == 0 or time.monotonic() - self._last_flush > self.flush_every_s:
-            self.flush()
+            self._flush_sinks()
+
+    def _nonfinite_loss(self, step: int, value: float) -> None:
+        policy = self.on_nonfinite_loss
+        reason = f"non-finite loss ({value}) at step {step}"
+        if self._trainer is None:
+            return
+        self.diverge(step, reason, self._trainer, stop=policy != "warn")
+        if policy == "warn":
+            log.warning("GradientTelemetry: %s; logged, training goes on (on_nonfinite=warn)", reason)
+        elif policy == "stop":
+            log.warning("GradientTelemetry: %s; training stopped after step %d (on_nonfinite=stop)",
+                        reason, self._trainer.global_step - 1)
 
     def flush(self) -> None:
+        """Write every step the optimizer has taken (reading what is on its way), then flush the sinks."""
+        self._write_steps()
+        self._flush_sinks()
+
+    def _flush_sinks(self) -> None:
         for sink in self.sinks:
             sink.flush()
         self._last_flush = time.monotonic()
 
 
+class _WithLr:
+    """A slice of the head's readback (the loss with the learning rate after it, or the step
+    metrics), read with it."""
+
+    __slots__ = ("readback", "lr", "start", "stop")
+
+    def __init__(self, readback: Readback, lr: float | None, start: int, stop: int | None):
+        self.readback, self.lr, self.start, self.stop = readback, lr, start, stop
+
+    @property
+    def deferred(self) -> bool:
+        return self.readback.deferred
+
+    def result(self) -> np.ndarray:
+        values = self.readback.result()[self.start:self.stop]
+        return values if self.lr is None else np.append(values, self.lr)
+
+
 class _Discard:
-    """The event file of a process that does not write (every rank but 0)."""
+    """The event file of a process that does not write (every rank but 0), or of no TensorBoard."""
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
