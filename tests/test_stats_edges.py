@@ -233,7 +233,7 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, pat
                 return hook(*args, **kwargs)
         return run
 
-    for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
+    for hook in ("on_train_batch_start", "on_before_optimizer_step", "_after_optimizer_step", "on_train_batch_end"):
         setattr(telemetry, hook, counted(getattr(telemetry, hook)))
     trainer = pl.Trainer(max_steps=2, callbacks=[telemetry], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
