@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.storage.paths import SUMMARY_MD, tensorboard_command
+from gradwatch.summary.numbers import format_number
 
 TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
 THREADS_ENV = "GRADWATCH_TORCH_THREADS"
@@ -38,8 +39,7 @@ def count_jobs(config: DictConfig) -> int | None:
 
 
 def _loss_text(record: dict[str, Any], digits: int = 6) -> str:
-    loss = record.get("final_loss")
-    return "-" if not isinstance(loss, int | float) else f"{loss:.{digits}g}"
+    return format_number(record.get("final_loss"), f".{digits}g")
 
 
 def _shown_path(path: Path) -> str:
