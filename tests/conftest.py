@@ -13,7 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
+import torch
+
+# Without a GPU, Triton's kernels (gradwatch.telemetry.gpu) run on CPU tensors in its
+# interpreter; triton reads this once, when imported (Lightning imports it), so it is set first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from omegaconf import DictConfig  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch  # noqa: F401 - registers the config resolvers

@@ -337,7 +337,11 @@ class UpdateNorms:
     @torch.no_grad()
     def keep(self, params: Sequence[torch.Tensor]) -> "UpdateNorms":
         """The weights now copied into the flat buffers (one multi-tensor copy); returns self."""
-        torch._foreach_copy_(self.views, [p.reshape(-1) for p in params])
+        try:
+            torch._foreach_copy_(self.views, params)
+        except RuntimeError:  # the first call, or weights of other shapes: views of their shapes
+            self.views = [v.view(p.shape) for v, p in zip(self.views, params, strict=True)]
+            torch._foreach_copy_(self.views, params)
         return self
 
     def __call__(self, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:

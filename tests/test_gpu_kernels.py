@@ -1,0 +1,294 @@
+"""The multi-tensor GPU kernels (gradwatch.telemetry.gpu) against float64 torch.
+
+On CUDA where there is a GPU; otherwise on CPU tensors through Triton's interpreter, which
+tests/conftest.py turns on before triton is imported. Chunks of a few values (`SMALL`) make
+small tensors span many chunks and programs, so the interpreter stays fast.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+pytest.importorskip("triton", reason="triton is not installed: the GPU kernels cannot be tested")
+
+from gradwatch.telemetry import gpu, stats, tags  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not gpu.interpreting():
+    pytest.skip("no GPU, and triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+                allow_module_level=True)
+
+SMALL = {"block": 16, "chunk": 64}
+STATS = tags.GRAD_STATS
+
+
+def reference(grad: torch.Tensor) -> list[float]:
+    """float64 torch, one reduction at a time."""
+    g = grad.double()
+    std = g.std().item() if g.numel() > 1 else 0.0
+    return [g.mean().item(), std, (g == 0).double().mean().item(), g.norm().item(), g.abs().max().item(),
+            float((~torch.isfinite(g)).sum())]
+
+
+def kernel_rows(grads: list[torch.Tensor], **layout) -> np.ndarray:
+    """(tensors + 1, 6): the kernels' rows, then the global norm in the norm column."""
+    sums = gpu.GradientSums([g.numel() for g in grads], [g.dtype for g in grads], grads[0].device,
+                            **(layout or SMALL))
+    flat = gpu.finish_gradient_rows(sums(grads).cpu().numpy(), np.array([g.numel() for g in grads], dtype=float))
+    table = np.zeros((len(grads) + 1, len(STATS)))
+    table[:-1] = flat[:-1].reshape(-1, len(STATS))
+    table[-1, STATS.index("norm")] = flat[-1]
+    return table
+
+
+def assert_rows(grads: list[torch.Tensor], rel: float = 1e-12, **layout) -> np.ndarray:
+    table = kernel_rows(grads, **layout)
+    for i, grad in enumerate(grads):
+        assert table[i].tolist() == pytest.approx(reference(grad), rel=rel, abs=0, nan_ok=True), i
+    expected = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+    assert table[-1, STATS.index("norm")] == pytest.approx(expected, rel=rel, nan_ok=True)
+    return table
+
+
+def on(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("scale", [1e-38, 1e-30, 1.0, 1e30, 1e38 / 8])
+def test_float32_at_any_magnitude_equals_float64(scale):
+    torch.manual_seed(0)
+    grads = on(torch.randn(64, 30) * scale, torch.randn(30) * scale, torch.randn(1) * scale, torch.zeros(5),
+               (torch.randn(9, 7) * scale).where(torch.rand(9, 7) > 0.5, 0.0))
+    table = assert_rows(grads)
+    assert (table[:-1, STATS.index("norm")] >= table[:-1, STATS.index("abs_max")]).all()
+    assert table[4, STATS.index("zero_fraction")] == (grads[4] == 0).sum().item() / 63  # an exact count
+
+
+def test_half_precision_and_float64_in_one_call_equal_float64():
+    # One launch per dtype; bf16 and fp16 widen exactly, float64 keeps its digits.
+    torch.manual_seed(1)
+    half = torch.randn(4097).to(torch.bfloat16)
+    half[torch.randperm(4097)[:1221]] = 0
+    grads = on(half, torch.randn(300).half() * 1e-4, torch.randn(77).double() * 1e100, torch.randn(50),
+               torch.randn(3, 5).bfloat16() * 1e30, torch.tensor([65504.0, -65504.0]).half())
+    table = assert_rows(grads)
+    assert table[0, STATS.index("zero_fraction")] == 1221 / 4097
+
+
+def test_std_of_a_large_mean_and_tensors_across_many_chunks():
+    # A mean 1e7 times the spread (a one-pass sum of squares loses every digit); a tensor of
+    # more chunks than the merge reads at a time (258 > MERGE_BLOCK); sizes around a block.
+    torch.manual_seed(2)
+    grads = on(1e4 + 1e-3 * torch.randn(5003), torch.randn(16_500) - 7, torch.randn(15), torch.randn(16),
+               torch.randn(17), torch.full((129,), 0.1), torch.randn(1000).bfloat16() + 300)
+    table = assert_rows(grads, rel=1e-9)
+    assert table[5, STATS.index("std")] == 0.0  # a constant: exactly 0
+
+
+def test_one_value_empty_and_zero_tensors():
+    grads = on(torch.tensor([3.0]), torch.zeros(0), torch.zeros(7), torch.zeros(1).bfloat16(), torch.tensor([-2.5]))
+    table = kernel_rows(grads)
+    assert table[0].tolist() == [3.0, 0.0, 0.0, 3.0, 3.0, 0.0]
+    assert math.isnan(table[1, 0]) and table[1, 1:].tolist()[2:] == [0.0, 0.0, 0.0]  # empty: mean NaN, as torch
+    assert table[2].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert table[3].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert table[4].tolist() == [-2.5, 0.0, 0.0, 2.5, 2.5, 0.0]
+    assert table[-1, STATS.index("norm")] == pytest.approx(math.sqrt(9 + 6.25), rel=1e-15)
+
+
+def test_nonfinite_counts_and_their_rows_as_torch():
+    torch.manual_seed(3)
+    late = torch.randn(500)
+    late[400] = float("inf")  # in a later chunk than the first
+    grads = on(torch.tensor([float("inf"), 1.0, 0.0, float("nan")]), torch.cat([torch.tensor([float("inf")]),
+               torch.randn(300)]), torch.cat([torch.tensor([float("-inf")]), torch.randn(300)]).bfloat16(),
+               late, torch.tensor([float("nan")] * 3).half(), torch.tensor([3.0, -4.0]))
+    table = assert_rows(grads)
+    assert table[:, STATS.index("nonfinite")].tolist() == [2, 1, 1, 1, 3, 0, 0]
+    assert table[1, 0] == math.inf and table[2, 0] == -math.inf  # a sum that meets inf stays inf
+    assert math.isnan(table[0, STATS.index("abs_max")]) and table[1, STATS.index("abs_max")] == math.inf
+
+
+def test_many_tensors_of_mixed_sizes_and_dtypes():
+    torch.manual_seed(4)
+    sizes = [int(n) for n in torch.randint(1, 100, (200,))]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    grads = on(*[torch.randn(n).to(dtypes[i % 3]) * 10.0 ** (i % 7 - 3) for i, n in enumerate(sizes)])
+    assert_rows(grads, block=64, chunk=128)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="2**24 + 3 values take minutes in the interpreter")
+def test_a_tensor_past_float32_counts_with_the_kernels_own_layout():
+    grad = torch.randn(2**24 + 3, device=DEVICE)
+    grad[::7] = 0
+    assert_rows([grad, grad[:1000].clone().bfloat16()], rel=1e-9, block=gpu.BLOCK, chunk=gpu.CHUNK)
+
+
+def reference_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
+    moved = (after.double() - before.double()).norm().item()
+    if moved == 0:
+        return 0.0
+    return math.inf if before.abs().max() == 0 else moved / before.double().norm().item()
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_update_ratio_equals_the_weights_change(carry):
+    torch.manual_seed(5)
+    weights = on(torch.randn(50, 40), torch.randn(40).bfloat16(), torch.zeros(3), torch.randn(1).half(),
+                 torch.randn(700).double(), torch.zeros(2))
+    norms = gpu.UpdateNorms([w.numel() for w in weights], [w.dtype for w in weights], weights[0].device, **SMALL)
+    kept = norms.keep(weights)
+    for step in range(2):
+        after = [w + (0.01 * torch.randn_like(w)).to(w.dtype) for w in weights[:2]] + [
+            weights[2], weights[3] * 2, weights[4] * (1 + 1e-9), weights[5] + 1]
+        ratio = gpu.finish_update_ratio(kept(after, carry=carry).cpu().numpy())
+        expected = [reference_ratio(b, a) for b, a in zip(weights, after, strict=True)]
+        assert ratio.tolist() == pytest.approx(expected, rel=1e-12), step
+        assert ratio[2] == 0.0 and ratio[5] == (math.inf if step == 0 else 1.0)  # zeros unmoved: 0, moved: inf
+        if not carry:
+            break
+        # Carried: the buffer now holds the weights after, in their own dtype, for the next step.
+        assert all(torch.equal(v, a) for v, a in zip(kept.views, after, strict=True))
+        weights = after
+    assert kept.kept[0].dtype == torch.float32 and {k.dtype for k in kept.kept} == {
+        torch.float32, torch.bfloat16, torch.float16, torch.float64}
+
+
+class Ops(TorchDispatchMode):
+    """The torch operations run, and the bytes of the new storage they made (a view or an
+    in-place result shares an input's, and is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.bytes, self._seen = [], 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.names.append(str(func))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | self._seen:
+                self._seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+class Launches:
+    """A kernel that counts its launches and does nothing (the host's work is what is measured)."""
+
+    count = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            Launches.count += 1
+        return launch
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """GradientStats and UpdateRatio on the device kernels, CPU tensors included (interpreted)."""
+    monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
+    monkeypatch.setattr(stats, "HOST_KERNELS", False)
+
+
+def model(tensors: int) -> list[torch.Tensor]:
+    """`tensors` weights of a few sizes, float32 and bf16 (two dtypes: three launches a statistic)."""
+    return [torch.randn(16 + i % 5, 8, device=DEVICE).to(torch.bfloat16 if i % 4 == 0 else torch.float32)
+            for i in range(tensors)]
+
+
+@pytest.mark.usefixtures("device_path")
+@pytest.mark.parametrize("tensors", [6, 150])
+def test_a_logged_step_launches_a_fixed_number_of_kernels_and_allocates_nothing(monkeypatch, tensors):
+    weights = model(tensors)
+    grads = [torch.randn_like(w) for w in weights]
+    sizes = [w.numel() for w in weights]
+    grad_stats, ratio = stats.GradientStats(sizes), stats.UpdateRatio(sizes)
+    for step in range(3):
+        if step == 1:  # the plans are made (and the kernels built) at the first step
+            for plan in (grad_stats._device[1], ratio._device[1]):
+                monkeypatch.setattr(plan, "_chunks", Launches())
+                monkeypatch.setattr(plan, "_merge", Launches())
+            Launches.count = 0
+        with Ops() as ops:
+            kept = ratio.before(weights, reuse=step > 1)
+            values, finish = grad_stats.pending(grads)
+            with torch.no_grad():
+                torch._foreach_add_(weights, 0.01)  # the optimizer, not counted below
+            update, _ = ratio.pending(kept, weights, carry=True)
+        ops.names.remove("aten._foreach_add_.Scalar")
+        if step == 0:
+            # The plans: a copy of the weights in their dtypes, and O(tensors + chunks) of tables and sums.
+            weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+            assert weight_bytes <= ops.bytes <= weight_bytes + 200 * tensors + 4096
+            continue
+        assert isinstance(values, torch.Tensor) and values.device == weights[0].device
+        assert update.shape == (2, tensors) and values.shape == (gpu.GRADIENT_FIELDS, tensors)
+        # Two dtypes: two chunk launches and a merge for each statistic, whatever the tensors.
+        assert Launches.count == 6 * step
+        # No torch operation but the weights' copy before a step that does not carry it over, so
+        # nothing allocated and nothing read back (no .item(), .cpu() or copy to the host).
+        assert ops.names == (["aten._foreach_copy_.default"] if step == 1 else []) and ops.bytes == 0
+
+
+@pytest.mark.usefixtures("device_path")
+def test_gradient_stats_and_update_ratio_through_the_device_kernels_equal_float64():
+    torch.manual_seed(6)
+    grads = [torch.randn(40, 3).bfloat16(), torch.randn(5).half() * 1e-3, torch.randn(1).bfloat16(),
+             1e4 + torch.randn(300, dtype=torch.float64)]
+    grads = [g.to(DEVICE) for g in grads]
+    gradient_stats = stats.GradientStats([g.numel() for g in grads])
+    values, finish = gradient_stats.pending(grads)
+    assert finish == gradient_stats._finish_device
+    table = gradient_stats(grads)
+    for i, grad in enumerate(grads):
+        assert table[i].tolist() == pytest.approx(reference(grad), rel=1e-12)
+    ratio = stats.UpdateRatio([g.numel() for g in grads])
+    kept = ratio.before(grads)
+    assert isinstance(kept, gpu.UpdateNorms)
+    after = [g * 1.5 for g in grads]
+    expected = [reference_ratio(b, a) for b, a in zip(grads, after, strict=True)]
+    assert ratio(kept, after).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
+    # Triton compiles for an H100/H200 (sm_90) here, through its bundled ptxas, with no GPU: what
+    # the interpreter cannot check (types, loops, pointer casts in the compiled language).
+    script = textwrap.dedent("""
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from gradwatch.telemetry import gpu
+        table = {"addresses": "*i64", "sizes": "*i64", "offsets": "*i64", "owner": "*i32", "first": "*i64",
+                 "partials": "*fp64", "stride": "i64", "base": "i64", "bounds": "*i64", "rows": "*i64",
+                 "out": "*fp64", "tensors": "i32"}
+        pointer = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float64: "*fp64"}
+        def build(function, constants, **types):
+            kernel = gpu._kernel(function)
+            names = kernel.arg_names
+            signature = {n: "constexpr" if n in constants else types.get(n, table.get(n)) for n in names}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                      target=GPUTarget("cuda", 90, 32))
+            assert compiled.asm["cubin"], function.__name__
+        for dtype in pointer:
+            build(gpu._gradient_chunks, {"DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK})
+            build(gpu._change_chunks, {"CARRY": True, "DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK},
+                  kept=pointer[dtype])
+        build(gpu._gradient_merge, {"BLOCK": gpu.MERGE_BLOCK})
+        build(gpu._change_merge, {"BLOCK": gpu.MERGE_BLOCK})
+        print("built")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "built", run.stderr[-3000:]
