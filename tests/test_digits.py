@@ -56,8 +56,8 @@ def test_digits_split_is_drawn_from_the_seed():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"train_fraction": 0.0}, "dataset.train_fraction=0.0 is not valid: allowed is a number in (0, 1]"),
-    ({"train_fraction": 1.5}, "dataset.train_fraction=1.5 is not valid: allowed is a number in (0, 1]"),
+    ({"train_fraction": 0.0}, "dataset.train_fraction=0.0 is not valid: allowed is a number > 0 and <= 1"),
+    ({"train_fraction": 1.5}, "dataset.train_fraction=1.5 is not valid: allowed is a number > 0 and <= 1"),
     ({"split": "val"}, "dataset.split=val is not valid: allowed is train or test"),
     ({"split": "test", "train_fraction": 1.0}, "dataset.split=test is not valid: allowed is train (train_fraction"),
 ])

@@ -114,6 +114,24 @@ RULES: dict[str, Rule] = {
 }
 
 
+def check(key: str, value: object, name: str | None = None) -> object:
+    """`value` if the rule for `key` (RULES) accepts it, else a ConfigError naming `name` (default: `key`).
+
+    The one place a scalar key's kind and bounds are stated: the objects that take such a value as an
+    argument (datasets, models, callbacks) check it with this, so they say what `check_config` says.
+
+    >>> check("telemetry.every_n_steps", 0, name="every_n_steps")
+    Traceback (most recent call last):
+    gradwatch.config.errors.ConfigError: every_n_steps=0 is not valid: allowed is an integer >= 1
+    """
+    try:
+        return RULES[key](key, value)
+    except ConfigError as err:
+        if name is None or name == key:
+            raise
+        raise ConfigError(name, value, err.allowed) from None
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` for the first scalar key whose value is not of its kind or out of range."""
     for key, rule in RULES.items():

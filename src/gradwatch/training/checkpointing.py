@@ -11,7 +11,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from gradwatch.config.errors import ConfigError, check_int, first_line
+from gradwatch.config.checks import check
+from gradwatch.config.errors import ConfigError, first_line
 from gradwatch.storage.paths import RunPaths
 
 
@@ -25,7 +26,7 @@ class LastCheckpoint(pl.Callback):
 
     def __init__(self, path: Path, every_n_steps: int):
         self.path = Path(path)
-        self.every_n_steps = check_int("checkpoint.every_n_steps", every_n_steps, minimum=1)
+        self.every_n_steps = check("checkpoint.every_n_steps", every_n_steps)
         self._saved_step: int | None = None
 
     def _save(self, trainer: pl.Trainer) -> None:

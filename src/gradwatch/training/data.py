@@ -10,7 +10,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from gradwatch.config.errors import ConfigError, check_int, is_number
+from gradwatch.config.checks import check
+from gradwatch.config.errors import ConfigError
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -21,12 +22,11 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def _check_size(size: object) -> int:
-    return check_int("dataset.size", size, minimum=1, allowed="an integer >= 1 (a dataset cannot be empty)")
+    return check("dataset.size", size)
 
 
 def _noisy(y: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
-    if noise < 0:
-        raise ConfigError("dataset.noise", noise, "a number >= 0")
+    check("dataset.noise", noise)
     return y + noise * torch.randn(y.shape, generator=gen) if noise else y
 
 
@@ -93,8 +93,7 @@ def digits(train_fraction: float = 0.8, split: str = "train", seed: int = 0) -> 
     `train` split, the rest the `test` split: `digits(split="test", seed=s)` is what a run with
     data seed s never trained on.
     """
-    if not is_number(train_fraction) or not 0 < train_fraction <= 1:
-        raise ConfigError("dataset.train_fraction", train_fraction, "a number in (0, 1]")
+    check("dataset.train_fraction", train_fraction)
     if split not in ("train", "test"):
         raise ConfigError("dataset.split", split, "train or test")
     from sklearn.datasets import load_digits  # imported here: only this dataset needs scikit-learn
@@ -120,8 +119,7 @@ class TensorBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, shuffle: bool, seed: int):
         n = len(x)
-        if batch_size is not None:
-            check_int("dataset.batch_size", batch_size, minimum=1, allowed="null (full batch) or an integer >= 1")
+        check("dataset.batch_size", batch_size)
         self.x, self.y = x, y
         self.batch_size = n if batch_size is None else min(batch_size, n)
         self.shuffle = shuffle and self.batch_size < n

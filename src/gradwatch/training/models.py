@@ -5,6 +5,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from gradwatch.config.checks import check
 from gradwatch.config.errors import ConfigError, check_int, is_number
 
 ACTIVATIONS = {
@@ -25,8 +26,8 @@ def _activation(key: str, name: str | None) -> nn.Module:
 
 def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Sequential:
     """One linear layer: `linear(2, 1)` has parameters `0.weight` (1x2) and `0.bias` (1)."""
-    check_int("model.in_features", in_features, minimum=1)
-    check_int("model.out_features", out_features, minimum=1)
+    check("model.in_features", in_features)
+    check("model.out_features", out_features)
     return nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
 
 
@@ -42,8 +43,8 @@ def mlp(
 
     `mlp(2, 1, hidden=[3])` is Sequential(Linear(2, 3), ReLU(), Linear(3, 1)).
     """
-    check_int("model.in_features", in_features, minimum=1)
-    check_int("model.out_features", out_features, minimum=1)
+    check("model.in_features", in_features)
+    check("model.out_features", out_features)
     if hidden is not None and (isinstance(hidden, str) or not isinstance(hidden, Sequence)):
         raise ConfigError("model.hidden", hidden, "a list of integers >= 1, e.g. [16, 16] (or [] for none)")
     sizes = [in_features]
@@ -73,8 +74,7 @@ def init_scheme(model: nn.Module, weight_init: str = "default", bias_init: float
     """Re-initialise every Linear layer: a weight scheme by name, and biases filled with a number."""
     if weight_init not in WEIGHT_INITS:
         raise ConfigError("model.weight_init", weight_init, "one of " + ", ".join(WEIGHT_INITS))
-    if bias_init is not None and not is_number(bias_init):
-        raise ConfigError("model.bias_init", bias_init, "null or a number")
+    check("model.bias_init", bias_init)
     scheme = WEIGHT_INITS[weight_init]
     with torch.no_grad():
         for layer in model.modules():
