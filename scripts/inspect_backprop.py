@@ -9,23 +9,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 import gradwatch  # noqa: F401  (registers the config's resolvers)
-from gradwatch.config.cli import CONF_DIR, check_group_choices
-from gradwatch.config.errors import ConfigError
+from gradwatch.config.cli import check_group_choices, compose, unknown_key
+from gradwatch.config.errors import ConfigError, first_line
 
 
 def _one_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    message = lines[0] if lines else type(err).__name__
+    if isinstance(err, ConfigError):
+        return str(err)
     if isinstance(err, OverrideParseException):
-        return f"cannot parse override '{err.override}': {message}"
-    if len(lines) > 1 and lines[1].startswith("To append"):
-        message += " " + lines[1]  # Hydra's hint for a key the config does not have
-    return message
+        return f"cannot parse override '{err.override}': {first_line(err)}"
+    return first_line(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, metavar="FILE", help="write the report here instead of stdout")
     args, overrides = parser.parse_known_args(argv)
 
-    message = check_group_choices(overrides, CONF_DIR)
+    message = check_group_choices(overrides) or unknown_key(overrides)
     if message:
         print(f"gradwatch: {message}", file=sys.stderr)
         return 2
@@ -52,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from gradwatch.inspect.inspector import inspect_backprop
         from gradwatch.inspect.rendering import render_dot, render_json, render_text
 
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
-        parts = build(cfg)
+        parts = build(compose(overrides))
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"gradwatch: {_one_line(err)}", file=sys.stderr)
         return 2

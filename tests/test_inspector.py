@@ -298,7 +298,7 @@ def test_large_tensors_are_summarised_never_dumped(script, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model=mlpp", "gradwatch: model=mlpp is not valid: allowed is one of linear, mlp"),
     ("optimizer.lr=-1", "gradwatch: optimizer.lr=-1 is not valid: allowed is a number > 0"),
-    ("nosuchkey=1", "gradwatch: Could not override 'nosuchkey'."),
+    ("nosuchkey=1", "gradwatch: nosuchkey=1 is not valid: allowed is a key of the config: the groups dataset, "),
 ])
 def test_bad_config_is_one_line_and_exit_2(script, capsys, override, message):
     assert script.main([override]) == 2

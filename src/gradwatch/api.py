@@ -11,11 +11,10 @@ folder as it was.
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gradwatch.config.cli import CONF_DIR
+from gradwatch.config.cli import CONF_DIR, compose
 from gradwatch.config.errors import ConfigError
 from gradwatch.storage.paths import RunPaths
 from gradwatch.training.pipeline import EXIT_REFUSED, RunFailed, run
@@ -23,8 +22,7 @@ from gradwatch.training.pipeline import EXIT_REFUSED, RunFailed, run
 
 def compose_config(overrides: list[str], run_dir: Path | str | None = None, conf_dir: Path = CONF_DIR) -> DictConfig:
     """The config `train.py OVERRIDES` would run, with the Hydra node (its run folder set to `run_dir`)."""
-    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose(list(overrides), conf_dir, hydra=True)
     if run_dir is not None:
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(run_dir)
