@@ -104,6 +104,17 @@ def test_every_n_steps_logs_only_on_those_steps(run_dir):
     assert sorted(scalars["train/loss"]) == list(range(10))
 
 
+def test_update_ratio_off_through_the_config_keeps_the_gradients_and_drops_the_ratios(tmp_path):
+    common = ["trainer.max_steps=3", "model.hidden=[8]"]
+    train(common, tmp_path / "on")
+    train([*common, "telemetry.update_ratio=false"], tmp_path / "off")
+    on, off = read_tb(tmp_path / "on"), read_tb(tmp_path / "off")
+    assert {t for t in on if t.startswith("update/")} == {"update/0.weight/ratio", "update/0.bias/ratio",
+                                                         "update/2.weight/ratio", "update/2.bias/ratio"}
+    kept = {t: v for t, v in on.items() if not t.startswith(("update/", "hparams/"))}
+    assert kept == {t: v for t, v in off.items() if not t.startswith("hparams/")} and "grad/0.weight/norm" in kept
+
+
 def test_telemetry_off_logs_loss_and_lr_only(run_dir):
     train(["trainer.max_steps=5", "telemetry=off"], run_dir)
     scalars = read_tb(run_dir)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradwatch.storage.files import write_atomic
+from gradwatch.storage.names import JoinedNames
 from gradwatch.storage.paths import RunPaths
 
 _PART = "part-{:06d}.parquet"
@@ -40,7 +41,7 @@ class ParquetSink:
         self._values: list[np.ndarray] = []
         # Per combination of tag tuples in a part (by identity: the recorder passes the same
         # tuple objects step after step): the part's dictionary and each tuple's codes in it.
-        self._codes: dict[tuple[int, ...], tuple[pa.Array, dict[int, np.ndarray], tuple]] = {}
+        self._codes = JoinedNames()
         if purge_from_step is not None:
             self._purge(purge_from_step)
         parts = _parts(self.folder)
@@ -67,23 +68,11 @@ class ParquetSink:
         self._steps, self._tags, self._values = [], [], []
 
     def _dictionary(self, tag_groups: list[tuple[str, ...]]) -> tuple[pa.Array, dict[int, np.ndarray]]:
-        """The distinct tags of a part, and per tag tuple its codes into them (cached: encoding
-        every row's tag costs ~10 ms per flush of a deep net's ~700 tags x 60 steps)."""
-        distinct = tuple(dict.fromkeys(map(id, tag_groups)))
-        cached = self._codes.get(distinct)
-        if cached is None:
-            if len(self._codes) > 64:  # a caller making new tuples each step: do not grow
-                self._codes.clear()
-            groups = {id(names): names for names in tag_groups}
-            index: dict[str, int] = {}
-            for key in distinct:
-                for tag in groups[key]:
-                    index.setdefault(tag, len(index))
-            codes = {key: np.fromiter((index[t] for t in groups[key]), dtype=np.int32, count=len(groups[key]))
-                     for key in distinct}
-            # The tuples are kept with their codes, so their ids are never reused for others.
-            cached = self._codes[distinct] = pa.array(list(index), type=pa.string()), codes, tuple(groups.values())
-        return cached[0], cached[1]
+        """The distinct tags of a part, and per tag tuple its codes into them (cached by the
+        tuples' identities, `JoinedNames`: encoding every row's tag costs ~10 ms per flush of a
+        deep net's ~700 tags x 60 steps)."""
+        distinct = list({id(names): names for names in tag_groups}.values())
+        return self._codes.cached(distinct, _codes)
 
     def _write_part(self, table: pa.Table) -> None:
         buffer = io.BytesIO()
@@ -107,6 +96,17 @@ class ParquetSink:
         self._write_part(kept)
         for part in old:
             os.unlink(part)
+
+
+def _codes(groups: tuple[tuple[str, ...], ...]) -> tuple[pa.Array, dict[int, np.ndarray]]:
+    """The distinct tags of `groups` as a dictionary, and each group's codes into it, by the
+    group's identity."""
+    index: dict[str, int] = {}
+    for names in groups:
+        for tag in names:
+            index.setdefault(tag, len(index))
+    codes = {id(names): np.fromiter((index[t] for t in names), dtype=np.int32, count=len(names)) for names in groups}
+    return pa.array(list(index), type=pa.string()), codes
 
 
 def _parts(folder: Path) -> list[Path]:

@@ -18,9 +18,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import OmegaConf
 from torch import nn
 
 from gradwatch.config.checks import RULES
+from gradwatch.config.cli import CONF_DIR
 from gradwatch.config.errors import ConfigError, check_bool
 from gradwatch.storage.names import JoinedNames
 from gradwatch.telemetry import tags
@@ -39,6 +41,8 @@ OTHER_ACTIVATIONS = (nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
 # Strategies that shard parameters and gradients: a process holds part of each tensor.
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 _VERSION = operator.attrgetter("_version")
+# The defaults' one home: the telemetry config gradwatch's pipeline composes.
+DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "telemetry" / "default.yaml"))
 _NONFINITE = tags.GRAD_STATS.index("nonfinite")
 _GRAD = operator.attrgetter("grad")
 _SHAPE = operator.attrgetter("shape")
@@ -157,7 +161,7 @@ class GradientTelemetry(pl.Callback):
         recorder = StepRecorder(tb_dir, metrics_dir)
         Trainer(callbacks=[GradientTelemetry(recorder, every_n_steps=10), recorder])
 
-    Args:
+    Args (defaults: conf/telemetry/default.yaml):
         recorder: where the numbers go; None: a recorder of its own, writing TensorBoard's events
             into the TensorBoardLogger's `log_dir` and every other logger's through `log_metrics`.
         every_n_steps: log optimizer steps 0, n, 2n, ...
@@ -169,8 +173,10 @@ class GradientTelemetry(pl.Callback):
         update_ratio: log `update/<param>/ratio`; False keeps no copy of the weights.
     """
 
-    def __init__(self, recorder: StepRecorder | None = None, every_n_steps: int = 1, activations: bool = True,
-                 on_nonfinite: str = "warn", histograms_every_n_steps: int = 0, update_ratio: bool = True):
+    def __init__(self, recorder: StepRecorder | None = None, every_n_steps: int = DEFAULTS["every_n_steps"],
+                 activations: bool = DEFAULTS["activations"], on_nonfinite: str = DEFAULTS["on_nonfinite"],
+                 histograms_every_n_steps: int = DEFAULTS["histograms_every_n_steps"],
+                 update_ratio: bool = DEFAULTS["update_ratio"]):
         for key, value in (("every_n_steps", every_n_steps), ("activations", activations),
                            ("histograms_every_n_steps", histograms_every_n_steps), ("update_ratio", update_ratio)):
             RULES.get(f"telemetry.{key}", check_bool)(key, value)

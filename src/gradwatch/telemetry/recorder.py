@@ -21,8 +21,10 @@ from typing import Protocol
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from gradwatch.config.checks import RULES
+from gradwatch.config.cli import CONF_DIR, PRIMARY
 from gradwatch.storage.events import EventFile, histogram_summary, hparams_summaries, layout_summary, text_summary
 from gradwatch.storage.names import JoinedNames
 from gradwatch.storage.parquet import ParquetSink
@@ -31,6 +33,8 @@ from gradwatch.telemetry.distributed import is_rank_zero, mean_over_processes, w
 
 log = logging.getLogger(__name__)
 
+# The flush cadence's one home: the `log` keys of the primary config.
+LOG_DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{PRIMARY}.yaml").log)
 _HEAD = (tags.LOSS, tags.LR)
 _LR = (tags.LR,)
 
@@ -158,7 +162,8 @@ class StepRecorder(pl.Callback):
     Args:
         tb_dir: TensorBoard's folder for this run; None: no event file.
         metrics_dir: the parquet parts' folder; None writes no parquet.
-        flush_every_n_steps, flush_every_s: flush the sinks when either is reached.
+        flush_every_n_steps, flush_every_s: flush the sinks when either is reached (defaults: the
+            `log` keys of conf/train.yaml).
         purge_from_step: on resume, drop what was logged at or after this step (None: the
             step of the checkpoint Lightning resumes from, if any).
         loggers: other Lightning loggers that get every step's numbers (`LoggerSink`).
@@ -167,8 +172,10 @@ class StepRecorder(pl.Callback):
         defer: read device numbers a step late (None: on CUDA devices only).
     """
 
-    def __init__(self, tb_dir: Path | None, metrics_dir: Path | None = None, flush_every_n_steps: int = 100,
-                 flush_every_s: float = 5.0, purge_from_step: int | None = None, *, loggers: Sequence = (),
+    def __init__(self, tb_dir: Path | None, metrics_dir: Path | None = None,
+                 flush_every_n_steps: int = LOG_DEFAULTS["flush_every_n_steps"],
+                 flush_every_s: float = LOG_DEFAULTS["flush_every_s"], purge_from_step: int | None = None, *,
+                 loggers: Sequence = (),
                  on_nonfinite_loss: str | None = None, defer: bool | None = None):
         RULES["log.flush_every_n_steps"]("log.flush_every_n_steps", flush_every_n_steps)
         RULES["log.flush_every_s"]("log.flush_every_s", flush_every_s)
