@@ -56,11 +56,16 @@ def test_layout_has_one_gradient_flow_chart_with_every_weights_norm(tmp_path):
     acc.Reload()
     (event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
-    (flow,) = [c for c in layout.category if c.title == "gradient flow"]
-    charts = {chart.title: list(chart.multiline.tag) for chart in flow.chart}
-    expected = [rf"grad/{i}\.weight/norm" for i in (0, 2, 4, 6)]  # Linear, ReLU, Linear, ...: input to output
-    assert charts["gradient norm of every weight, input to output"] == expected
-    # Each regex matches exactly one scalar the run logged: that weight's norm.
+    charts = {(c.title, chart.title): list(chart.multiline.tag) for c in layout.category for chart in c.chart}
     logged = read_tb(tmp_path)
-    matched = [[tag for tag in logged if re.fullmatch(regex, tag)] for regex in expected]
-    assert matched == [[f"grad/{i}.weight/norm"] for i in (0, 2, 4, 6)]
+
+    def drawn(category: str, chart: str) -> list[str]:
+        """The logged tags a chart draws: TensorBoard searches each of its regexes in every tag."""
+        return sorted(tag for tag in logged if any(re.search(r, tag) for r in charts[(category, chart)]))
+
+    # Linear, ReLU, Linear, ...: the four weights, and nothing else.
+    assert drawn("gradient flow", "gradient norm of every weight") == [f"grad/{i}.weight/norm" for i in (0, 2, 4, 6)]
+    assert drawn("gradient flow", "update ratio of every weight") == [f"update/{i}.weight/ratio" for i in (0, 2, 4, 6)]
+    assert drawn("dead ReLUs", "dead fraction (units silent for the whole batch), every ReLU layer") == [
+        f"act/{i}/dead_fraction" for i in (1, 3, 5)]  # not dead_fraction_epoch
+    assert drawn("gradients of 0 (weight, bias)", "gradient norm") == ["grad/0.bias/norm", "grad/0.weight/norm"]

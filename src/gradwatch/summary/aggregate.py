@@ -88,7 +88,7 @@ def write_mean_over_seeds(folder: Path, summary) -> Path | None:
         events = EventFile(target / setting)
         params = [tags.layer_of(n) for n in means.columns if tags.is_grad_stat(n, "norm")]
         layers = [tags.layer_of(n) for n in means.columns if tags.is_dead_fraction(n)]
-        events.add_summary(0, layout_summary(tags.custom_scalars_layout(params, layers)))
+        events.add_summary(0, layout_summary(tags.custom_scalars_layout(params, layers, averaged=True)))
         values = means.to_numpy(dtype=np.float64)
         names = np.asarray(means.columns, dtype=object)
         for step, row in zip(means.index, values, strict=True):

@@ -53,42 +53,59 @@ def is_weight(param: str) -> bool:
 GRADIENT_FLOW = "gradient flow"  # the custom-scalars category of every weight's gradient norm
 
 
-def custom_scalars_layout(params: list[str], layers: list[str]) -> dict:
+def _exactly(tag: str) -> str:
+    """A chart's regex for one tag. TensorBoard searches (does not match) a chart's regexes, so
+    they are anchored: `act/1/dead_fraction` alone would also draw `act/1/dead_fraction_epoch`."""
+    return f"^{re.escape(tag)}$"
+
+
+# Charts over every weight or every ReLU layer, by pattern: the same chart in every run of a sweep,
+# whatever its depth, so that TensorBoard (which merges the runs' layouts) shows it once.
+EVERY_WEIGHT_NORM = r"^grad/(.+\.)?weight/norm$"
+EVERY_WEIGHT_UPDATE = r"^update/(.+\.)?weight/ratio$"
+
+
+def _every_layer(stat: str) -> str:
+    return rf"^act/[^/]+/{stat}$"
+
+
+def custom_scalars_layout(params: list[str], layers: list[str], averaged: bool = False) -> dict:
     r"""TensorBoard's custom-scalars layout, categories named after what they hold (every chart
     has data in any run: accuracy and learning rate are in the Scalars tab): the loss, then
-    the gradient flow (every weight's gradient norm in one chart, input to output, so that a
-    first layer 1e-5 times the last shows; and every weight's update ratio), the ReLU layers'
-    dead fractions, and one category of gradient statistics per module (`0.weight`, `0.bias`).
+    the gradient flow (every weight's gradient norm in one chart, so that a first layer 1e-5
+    times the last shows; every weight's update ratio), the ReLU layers' dead fractions, and one
+    category of gradient statistics per module. `averaged`: only the charts of the tags a sweep's
+    mean over seeds holds (`summary.aggregate`): gradient norms and dead fractions.
 
     >>> layout = custom_scalars_layout(["0.weight", "0.bias", "2.weight"], ["1"])
     >>> list(layout)
     ['training', 'gradient flow', 'dead ReLUs', 'gradients of 0 (weight, bias)', 'gradients of 2 (weight)']
-    >>> layout["gradient flow"]["gradient norm of every weight, input to output"]
-    ['Multiline', ['grad/0\\.weight/norm', 'grad/2\\.weight/norm']]
+    >>> layout["gradient flow"]["gradient norm of every weight"]
+    ['Multiline', ['^grad/(.+\\.)?weight/norm$']]
+    >>> layout["gradients of 0 (weight, bias)"]["gradient mean"]
+    ['Multiline', ['^grad/0\\.weight/mean$', '^grad/0\\.bias/mean$']]
     """
-    weights = [p for p in params if is_weight(p)] or list(params)
-    layout: dict = {"training": {"loss": ["Multiline", [re.escape(LOSS)]]}}
-    if weights:
-        layout[GRADIENT_FLOW] = {
-            "gradient norm of every weight, input to output": [
-                "Multiline", [re.escape(grad(w, "norm")) for w in weights]],
-            "update ratio of every weight": ["Multiline", [re.escape(update(w)) for w in weights]],
-            "global gradient norm": ["Multiline", [re.escape(GLOBAL_NORM)]]}
+    layout: dict = {"training": {"loss": ["Multiline", [_exactly(LOSS)]]}}
+    if any(is_weight(p) for p in params):
+        flow = {"gradient norm of every weight": ["Multiline", [EVERY_WEIGHT_NORM]]}
+        if not averaged:
+            flow["update ratio of every weight"] = ["Multiline", [EVERY_WEIGHT_UPDATE]]
+        layout[GRADIENT_FLOW] = {**flow, "global gradient norm": ["Multiline", [_exactly(GLOBAL_NORM)]]}
     if layers:
-        layout["dead ReLUs"] = {
-            "dead fraction (units silent for the whole batch), every ReLU layer": [
-                "Multiline", [re.escape(act(layer, "dead_fraction")) for layer in layers]],
-            "units that never fired in the epoch, every ReLU layer": [
-                "Multiline", [re.escape(act(layer, ACT_EPOCH)) for layer in layers]],
-            "zero activations, every ReLU layer": [
-                "Multiline", [re.escape(act(layer, "zero_fraction")) for layer in layers]]}
+        layout["dead ReLUs"] = {"dead fraction (units silent for the whole batch), every ReLU layer": [
+            "Multiline", [_every_layer("dead_fraction")]]}
+        if not averaged:
+            layout["dead ReLUs"] |= {
+                "units that never fired in the epoch, every ReLU layer": ["Multiline", [_every_layer(ACT_EPOCH)]],
+                "zero activations, every ReLU layer": ["Multiline", [_every_layer("zero_fraction")]]}
     by_module: dict[str, list[str]] = {}
     for param in params:
         by_module.setdefault(param.rsplit(".", 1)[0], []).append(param)
     for module, names in by_module.items():
         kinds = ", ".join(n.rsplit(".", 1)[-1] for n in names)
         layout[f"gradients of {module} ({kinds})"] = {
-            f"gradient {stat}": ["Multiline", [re.escape(grad(n, stat)) for n in names]] for stat in GRAD_STATS}
+            f"gradient {stat}": ["Multiline", [_exactly(grad(n, stat)) for n in names]]
+            for stat in (("norm",) if averaged else GRAD_STATS)}
     return layout
 
 
