@@ -1,4 +1,4 @@
-"""TensorBoard tag names: the one place they are spelled (docs/telemetry.md).
+"""TensorBoard tag names: the one place they are spelled (docs/telemetry.md)."""
 
 import re
 
