@@ -45,16 +45,23 @@ import tempfile
 import time
 import warnings
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import grad_norm
-from torch import nn
-
-from gradwatch import GradientTelemetry
 
 CUDA = torch.cuda.is_available()
+if not CUDA:  # the dry run's proxy runs the GPU kernels in triton's interpreter (read when triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from gradwatch import GradientTelemetry  # noqa: E402
+from gradwatch.telemetry import stats  # noqa: E402
+
 DEVICE = "cuda" if CUDA else "cpu"
 MIB = 2**20
 
@@ -310,6 +317,68 @@ def fit(kind: str, variant: str, warmup: int, steps: int, small: bool, extra: li
     return result
 
 
+class NewStorage(TorchDispatchMode):
+    """Bytes of the new storage torch operations make (views and in-place results share an input's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self._seen = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | self._seen:
+                self._seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def device_path_proxy(width: int = 64) -> dict:
+    """On the CPU, what the GPU path allocates and does on the host for a GPT's 149 tensors (of
+    `width`), against the torch operations it replaces: the bytes of new storage at the first
+    logged step (its buffers) and at a later one, per parameter; and the host's time a logged
+    step with the kernels' launches left out (Triton's own launch cost comes on top on a GPU)."""
+    net = GPT(64, width, 12, 2, 16)
+    weights = [p.detach().clone() for p in net.parameters()]
+    grads = [torch.randn_like(w) for w in weights]
+    sizes, params = [w.numel() for w in weights], sum(w.numel() for w in weights)
+    report = {"tensors": len(weights), "params": params}
+    saved = stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU
+    try:
+        for path, device_kernels in (("torch operations", False), ("device kernels", True)):
+            stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = False, device_kernels
+            grad_stats, ratio = stats.GradientStats(sizes), stats.UpdateRatio(sizes)
+            made = []
+            for step in range(3):
+                with NewStorage() as new:
+                    kept = ratio.before(weights, reuse=step > 0)
+                    grad_stats.pending(grads)
+                    ratio.pending(kept, weights, carry=True)
+                made.append(new.bytes / params)
+            report[path] = {"first_step_bytes_per_param": made[0], "later_step_bytes_per_param": made[2]}
+            if device_kernels:  # the host's share: launches replaced by nothing
+                plans = (grad_stats._device[1], ratio._device[1])
+                for plan in plans:
+                    plan._chunks = plan._merge = _NoLaunch()
+                started = time.perf_counter()
+                for _ in range(200):
+                    kept = ratio.before(weights, reuse=True)
+                    grad_stats.pending(grads)
+                    ratio.pending(kept, weights, carry=True)
+                report[path]["host_us_per_step_without_launches"] = (time.perf_counter() - started) / 200 * 1e6
+                report[path]["launches_per_step"] = 2 * (len({w.dtype for w in weights}) + 1)
+    finally:
+        stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = saved
+    return report
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
 def summarise(runs: dict) -> dict:
     """Per model and variant: median ms, ratio to off's median, peak and excess peak, left after fit."""
     table = {}
@@ -354,6 +423,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--no-syncs", action="store_true", help="skip counting host synchronisations per step")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip what would start after this many seconds")
+    parser.add_argument("--proxy-only", action="store_true", help="without CUDA: only the GPU path's CPU proxy")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
     args = parser.parse_args()
     models = args.models.split(",")
@@ -374,7 +444,7 @@ def main() -> None:
     started = time.monotonic()
     runs: dict = {}
     report: dict = {"device": torch.cuda.get_device_name(0) if CUDA else "cpu (dry run)", "runs": runs}
-    for kind in models:
+    for kind in [] if args.proxy_only and not CUDA else models:
         big = kind == "gpt_big"
         for repeat in range(1 if big else repeats):
             for variant in (("off", "gradwatch") if big else variants):
@@ -394,6 +464,12 @@ def main() -> None:
             counts[variant] = None if found is None else found / steps
             print("syncs per step", variant, counts[variant], result.get("error") or "", flush=True)
         report["syncs_per_step"] = counts
+    if not CUDA:
+        from gradwatch.telemetry import gpu
+
+        if gpu.interpreting():
+            report["device_path_proxy"] = proxy = device_path_proxy()
+            print("\nthe GPU path on the CPU (triton's interpreter), a GPT's tensors:", json.dumps(proxy, indent=1))
     report["summary"] = summarise(runs)
     print_table(report["summary"])
     with open(args.out, "w") as file:

@@ -292,3 +292,20 @@ def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "built", run.stderr[-3000:]
+
+
+@pytest.mark.usefixtures("device_path")
+def test_gradients_at_new_addresses_are_read_there():
+    # A step's gradients are new tensors (set_to_none): the address table follows them, and
+    # tensors back at the last addresses are read as they are now.
+    torch.manual_seed(7)
+    sizes = [70, 3, 130]
+    gradient_stats = stats.GradientStats(sizes)
+    first = [torch.randn(n, device=DEVICE).bfloat16() for n in sizes]
+    for grads in (first, [torch.randn(n, device=DEVICE).bfloat16() * 3 for n in sizes], first):
+        values, finish = gradient_stats.pending(grads)
+        rows = finish(values.cpu().numpy())[:-1].reshape(len(sizes), len(STATS))
+        for row, grad in zip(rows, grads, strict=True):
+            assert row.tolist() == pytest.approx(reference(grad), rel=1e-12)
+        with torch.no_grad():
+            first[0].mul_(-2)  # changed in place at the same address

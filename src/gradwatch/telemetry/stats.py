@@ -83,22 +83,27 @@ def _device_kernels(tensor: torch.Tensor):
 
 
 def _device_plan(cached: tuple | None, tensors: Sequence[torch.Tensor], sizes: list[int], checked: bool,
-                 make: Callable) -> tuple[tuple | None, bool]:
-    """((key, plan), new): the device kernels' plan for these tensors, `cached` (a (key, plan)
-    pair) when their dtypes and device are its key, else `make(gpu, dtypes, device)` (new);
-    None where the kernels do not apply (no triton, a dtype they do not read, tensors on
-    several devices, or of other sizes). `checked`: the caller vouches for the sizes."""
+                 make: Callable) -> tuple[tuple | None, bool, bool]:
+    """((key, plan), new, placed): the device kernels' plan for these tensors, `cached` (a (key,
+    plan) pair) when their dtypes and device are its key, else `make(gpu, dtypes, device)` (new);
+    None where the kernels do not apply (no triton, a dtype they do not read, tensors on several
+    devices, or of other sizes). `placed`: the tensors lie at the addresses the plan last read.
+    `checked`: the caller vouches for the sizes."""
     gpu = _device_kernels(tensors[0])
     if gpu is None:
-        return None, False
+        return None, False, False
+    if cached is not None and cached[1].layout.at_last_addresses(tensors):
+        # The tensors the plan last read, or others at their addresses, which a caller hands only
+        # for the same parameters: autograd gives a gradient its parameter's dtype, device and size.
+        return cached, False, True
     key = tuple(map(_DTYPE_DEVICE, tensors))
     sized = checked or list(map(torch.Tensor.numel, tensors)) == sizes
     if cached is not None and cached[0] == key:
-        return (cached if sized else None), False
+        return (cached if sized else None), False, False
     device = tensors[0].device
     if not sized or any(d not in gpu.DTYPES or v != device for d, v in key):
-        return None, False
-    return (key, make(gpu, [d for d, _ in key], device)), True
+        return None, False, False
+    return (key, make(gpu, [d for d, _ in key], device)), True, False
 
 
 def _first_launch(run: Callable, *args):
@@ -435,12 +440,12 @@ class GradientStats:
 
     def _device_sums(self, grads: Sequence[torch.Tensor], checked: bool) -> torch.Tensor | None:
         """The multi-tensor kernels' raw sums (`gpu.GradientSums`), or None where they do not apply."""
-        entry, new = _device_plan(self._device, grads, self.sizes, checked,
-                                  lambda gpu, dtypes, device: gpu.GradientSums(self.sizes, dtypes, device))
+        entry, new, placed = _device_plan(self._device, grads, self.sizes, checked,
+                                          lambda gpu, dtypes, device: gpu.GradientSums(self.sizes, dtypes, device))
         if entry is None:
             return None
         if not new:
-            return entry[1](grads)
+            return entry[1](grads, placed)
         self._device = None  # the last layout's buffers go first
         values = _first_launch(entry[1], grads)
         self._device = None if values is None else entry
@@ -585,8 +590,8 @@ class UpdateRatio:
     def _device_keep(self, params: Sequence[torch.Tensor]):
         """The weights copied in their own dtype by the device kernels' `gpu.UpdateNorms` (which
         is `kept`), or None where they do not apply."""
-        entry, new = _device_plan(self._device, params, self.stacker.sizes, False,
-                                  lambda gpu, dtypes, device: gpu.UpdateNorms(self.stacker.sizes, dtypes, device))
+        entry, new, _ = _device_plan(self._device, params, self.stacker.sizes, False,
+                                     lambda gpu, dtypes, device: gpu.UpdateNorms(self.stacker.sizes, dtypes, device))
         if entry is None:
             return None
         kept = entry[1].keep(params)
