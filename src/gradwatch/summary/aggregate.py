@@ -6,7 +6,8 @@ Scalars and Custom Scalars tabs). A sweep of 48 runs over 16 settings therefore 
 `<sweep>/mean_over_seeds/<setting>/`, one TensorBoard run per setting holding, per step, the mean
 over its seeds of the loss, the global and per-parameter gradient norms and the dead fractions
 (finite values only: a diverged seed leaves the mean from its first non-finite step), under the
-runs' own tag names and custom-scalars layout.
+runs' own tag names and custom-scalars layout, and an HParams row per setting: its swept values
+against the mean over its runs of their final metrics (and the share that converged or diverged).
 
     >>> write_mean_over_seeds(sweep_dir, summary)   # doctest: +SKIP
     PosixPath('outputs/multirun/.../mean_over_seeds')
@@ -14,6 +15,7 @@ runs' own tag names and custom-scalars layout.
     PosixPath('outputs/multirun/.../mean_over_seeds')
 """
 
+import math
 import shutil
 from pathlib import Path
 
@@ -21,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from gradwatch.config.resolvers import safe_dirname
-from gradwatch.storage.events import EventFile, layout_summary
+from gradwatch.storage.events import EventFile, hparams_summaries, layout_summary
 from gradwatch.storage.paths import MEAN_OVER_SEEDS
 from gradwatch.summary.findings import Curves
+from gradwatch.summary.numbers import finite_or_nan
+from gradwatch.summary.outcome import Outcome
 from gradwatch.telemetry import tags
 
 TENSORBOARD_SELECTS = 40  # runs TensorBoard selects when it opens a folder; past that, none
@@ -68,6 +72,32 @@ def mean_over_seeds(curves: list[Curves]) -> pd.DataFrame:
     return pd.DataFrame(columns).sort_index()
 
 
+def _hparam(value):
+    """A swept value as the HParams tab takes it: a bool, a number or text."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | float | np.integer | np.floating):
+        return value.item() if isinstance(value, np.generic) else value
+    return str(value)
+
+
+def setting_metrics(members: pd.DataFrame) -> dict[str, float]:
+    """A setting's HParams metrics: the mean over its runs of each run's HParams metric (finite
+    values only), and the shares of its runs that converged and diverged.
+
+    >>> setting_metrics(pd.DataFrame({"final_loss": [0.5, float("inf")], "converged": [True, False]}))
+    {'hparams/final_loss': 0.5, 'hparams/converged': 0.5}
+    """
+    metrics = {}
+    for name in [*Outcome.hparam_names(), "converged", "diverged"]:
+        if name not in members:
+            continue
+        values = pd.to_numeric(members[name], errors="coerce").astype(float)
+        finite = values[np.isfinite(values)]
+        metrics[tags.hparam_metric(name)] = finite_or_nan(float(finite.mean()) if len(finite) else math.nan)
+    return metrics
+
+
 def write_mean_over_seeds(folder: Path, summary) -> Path | None:
     """`folder/mean_over_seeds/<setting>/` for every setting of the summary's runs, replacing an
     older one; None (and nothing written) when no setting has more than one run."""
@@ -95,6 +125,13 @@ def write_mean_over_seeds(folder: Path, summary) -> Path | None:
             finite = np.isfinite(row)
             if finite.any():
                 events.add_scalars(int(step), tuple(names[finite]), row[finite])
+        keys = [k for k in summary.swept if k in members.columns]
+        hparams = {k: _hparam(members[k].iloc[0]) for k in keys} | {"runs": len(members)}
+        metrics = setting_metrics(members)
+        last = int(means.index.max()) + 1 if len(means) else 0
+        for hparams_summary in hparams_summaries(hparams, list(metrics)):
+            events.add_summary(last, hparams_summary)
+        events.add_scalars(last, tuple(metrics), np.array(list(metrics.values()), dtype=np.float64))
         events.close()
     return target
 
