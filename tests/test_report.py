@@ -104,7 +104,7 @@ def test_divergence_from_gradients_when_the_loss_stays_finite():
 def test_loss_range_is_not_stretched_by_a_diverged_run():
     curves = pd.DataFrame({"loss": [4.0, 1.0, 1e-4, 1e36, 1e37]})
     low, high = report.loss_ylim(curves, np.array([4.0, 3.0]))
-    assert high == 40.0 and low == pytest.approx(np.percentile([4.0, 1.0, 1e-4, 1e36, 1e37], 1) / 2)
+    assert high == 40.0 and low == 1e-4 / 2  # the lowest point shows
 
 
 def test_heatmap_is_the_convergence_rate_over_the_two_keys_with_most_values(sweep):

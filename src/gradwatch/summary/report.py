@@ -209,16 +209,17 @@ def divergences(summary, metrics_by_run: Mapping | None = None) -> pd.DataFrame:
 
 
 def loss_ylim(curves: pd.DataFrame, first_losses: np.ndarray) -> tuple[float, float]:
-    """A log-scale y-range a diverged run does not stretch: from the 1st percentile of the
-    positive plotted losses to 10x the largest step-0 loss (a loss above where it started has
-    gone wrong; its line leaves the top and its marker sits on the edge)."""
+    """A log-scale y-range a diverged run does not stretch: from half the smallest positive
+    plotted loss (every curve's lowest point shows) to 10x the largest step-0 loss (a loss
+    above where it started has gone wrong; its line leaves the top and its marker sits inside
+    the edge)."""
     values = curves["loss"].to_numpy(dtype=float)
     values = values[np.isfinite(values) & (values > 0)]
     starts = first_losses[np.isfinite(first_losses) & (first_losses > 0)]
     if not len(values):
         return 1e-3, 1.0
     top = 10 * float(starts.max()) if len(starts) else float(np.percentile(values, 99)) * 2
-    bottom = float(np.percentile(values, 1)) / 2
+    bottom = float(values.min()) / 2
     return min(bottom, top / 10), max(top, bottom * 10)
 
 
