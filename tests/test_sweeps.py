@@ -82,7 +82,9 @@ def test_final_loss_equals_last_tensorboard_loss(basic_sweep):
     for row in table.itertuples():
         losses = read_tb(sweep / row.run_dir)["train/loss"]
         last = losses[max(losses)]
-        assert (math.isnan(last) and math.isnan(row.final_loss)) or row.final_loss == pytest.approx(last, rel=1e-7)
+        # A non-finite loss is written nan in the CSV (docs/findings.md): the status says why.
+        assert ((not math.isfinite(last) and math.isnan(row.final_loss))
+                or row.final_loss == pytest.approx(last, rel=1e-7))
         assert row.steps == max(losses) + 1
 
 
