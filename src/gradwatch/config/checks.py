@@ -83,6 +83,7 @@ RULES: dict[str, Rule] = {
     "telemetry.every_n_steps": _integer(1),
     "telemetry.activations": check_bool,
     "telemetry.histograms_every_n_steps": _integer(0, "an integer >= 0 (0: never)"),
+    "telemetry.update_ratio": check_bool,
     "trainer.max_steps": _at_least_one_or_none("trainer.max_epochs decides"),
     "trainer.max_epochs": _or_null(_at_least_one_or_none("trainer.max_steps decides")),
     "trainer.gradient_clip_val": _or_null(_number(0), " (no clipping)"),
