@@ -62,12 +62,9 @@ def main(cfg: DictConfig) -> float:
 def _open_command(run_dir: Path) -> str:
     """The command that opens the run folder, shown relative to the working directory when under it."""
     from gradwatch.storage.paths import tensorboard_command
+    from gradwatch.summary.sweep import shown_path
 
-    try:
-        shown = Path(run_dir).resolve().relative_to(Path.cwd().resolve())
-    except (OSError, ValueError):
-        shown = Path(run_dir)
-    return tensorboard_command(shown)
+    return tensorboard_command(shown_path(run_dir))
 
 
 def _remove_new_folder(folder: Path, named_by_hydra: bool) -> None:

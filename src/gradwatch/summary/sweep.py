@@ -42,27 +42,14 @@ def _loss_text(record: dict[str, Any], digits: int = 6) -> str:
     return format_number(record.get("final_loss"), f".{digits}g")
 
 
-def _shown_path(path: Path) -> str:
-    """The folder relative to the working directory when it is under it (`outputs/...`)."""
+def shown_path(path: Path) -> str:
+    """A folder as a command line shows it: relative to the working directory when it is under it
+    (`outputs/...`), else as given."""
     path = Path(path)
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except (OSError, ValueError):
         return str(path)
-
-
-def last_line(record: dict[str, Any], run_dir: Path) -> str:
-    """A single run's last console line: its verdict with the evidence, the final loss and the
-    command that opens it, e.g. `gradwatch: dead_layer after 100 steps (layer 1: all units dead
-    from step 0 (1 at step 0)), final loss 0.52; /.../.venv/bin/tensorboard --logdir outputs/2026-.../...`."""
-    verdict = record.get("verdict") or record.get("status", "unknown")
-    evidence = next((f.get("detail") for f in record.get("findings") or []
-                     if isinstance(f, dict) and f.get("code") == verdict), None)
-    status = record.get("status")
-    ended = "" if status in ("completed", "diverged", None) else f" ({status})"
-    return (f"gradwatch: {verdict}{ended} after {record.get('steps', 0)} steps"
-            f"{f' ({evidence})' if evidence else ''}, final loss {_loss_text(record, 4)}; "
-            f"{tensorboard_command(_shown_path(run_dir))}")
 
 
 def run_line(hydra_cfg: DictConfig, record: dict[str, Any]) -> str:
@@ -125,9 +112,9 @@ def open_line(folder: Path) -> str:
 
     logdir = logdir_to_open(folder)
     if logdir == Path(folder):
-        return f"gradwatch: TensorBoard: {tensorboard_command(_shown_path(folder))}"
-    return (f"gradwatch: TensorBoard, the mean over seeds per setting: {tensorboard_command(_shown_path(logdir))}"
-            f" (every run: --logdir {_shown_path(folder)})")
+        return f"gradwatch: TensorBoard: {tensorboard_command(shown_path(folder))}"
+    return (f"gradwatch: TensorBoard, the mean over seeds per setting: {tensorboard_command(shown_path(logdir))}"
+            f" (every run: --logdir {shown_path(folder)})")
 
 
 class SweepCallback(Callback):
