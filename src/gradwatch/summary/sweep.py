@@ -1,4 +1,4 @@
-"""Sweep plumbing for Hydra multirun: progress lines, thread caps, and the summary at the end."""
+"""Sweep plumbing for Hydra multirun: progress lines in run order, and the summary at the end."""
 
 import json
 import os
@@ -10,13 +10,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gradwatch.storage.paths import SUMMARY_MD, tensorboard_command
 from gradwatch.summary.numbers import format_number
 
 TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
-THREADS_ENV = "GRADWATCH_TORCH_THREADS"
 
 
 def count_jobs(config: DictConfig) -> int | None:
@@ -118,9 +117,10 @@ def open_line(folder: Path) -> str:
 
 
 class SweepCallback(Callback):
-    """Hydra callback: announces the sweep, caps torch threads for parallel launchers, prints one
-    line per finished run (from its run.json), and writes the sweep summary (CSV, Markdown,
-    plots) into the sweep folder when the sweep ends.
+    """Hydra callback: announces the sweep, prints one line per finished run (from its run.json,
+    in run order), and writes the sweep summary (CSV, Markdown, plots) and the mean over seeds per
+    setting into the sweep folder when the sweep ends, then says how to open it in TensorBoard.
+    (Each run sets its own torch threads from its config, whatever the launcher.)
 
     Configured in conf/train.yaml under `hydra.callbacks`. The sweep exits non-zero when a run failed.
     """
@@ -128,11 +128,6 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         total = count_jobs(config)
         os.environ[TOTAL_ENV] = "?" if total is None else str(total)
-        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
-        if n_jobs is not None:
-            jobs = n_jobs if n_jobs > 0 else os.cpu_count() or 1
-            # Parallel runs share the cores: one run's torch must not take them all.
-            os.environ[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // jobs))
         print(f"gradwatch: sweep of {os.environ[TOTAL_ENV]} runs into {config.hydra.sweep.dir}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
