@@ -442,7 +442,7 @@ def draw_loss(summary, plan: Layout, metrics_by_run=None):
     for ax, panel in zip(axes, plan.panels, strict=True):
         for line, frame in curves[curves["panel"] == panel].groupby("line", sort=False):
             ax.plot(frame["step"], frame["loss"].clip(upper=high * 0.999), color=colors[line], lw=1.2,
-                    ls="--" if (panel, line) in dashed else "-")
+                    ls="--" if (panel, line) in dashed else "-", marker="o" if len(frame) == 1 else None, ms=4)
         x = marks[marks["panel"] == panel]
         if len(x):  # a loss above the range sits on the top edge
             ax.scatter(x["step"], x["loss"].fillna(high).clip(low, high / 4), **DIVERGED)
