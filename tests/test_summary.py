@@ -103,8 +103,7 @@ def test_a_nonfinite_or_missing_number_is_nan_in_csv_and_markdown_null_in_run_js
     header, *cells = per_run_table(text)
     # Narrow: the run's number, the swept key, the seed and what people compare (a linear model has no
     # dead fraction, a regression no accuracy); status because one run did not complete.
-    assert header == ["run", "optimizer.lr", "seed", "status", "verdict", "final_loss", "min_loss",
-                      "steps_to_converge", "wall_s"]
+    assert header == ["run", "optimizer.lr", "seed", "status", "verdict", "final_loss", "steps_to_converge"]
     table = {row[0]: dict(zip(header, row, strict=True)) for row in cells}
     assert set(table) == {"0", "1", "2"}
     assert (table["2"]["status"], table["2"]["verdict"], table["2"]["final_loss"]) == ("diverged", "diverged", "nan")

@@ -313,8 +313,7 @@ def readable_grouped(summary: Summary) -> pd.DataFrame:
 
 # The per-run table of summary.md, narrow enough for a terminal: the run's number for its folder
 # (the swept values have their own columns) and the results people compare; summary.csv has all.
-RUN_TABLE = ["status", "verdict", "final_loss", "min_loss", "steps_to_converge", "dead_fraction_final",
-             "accuracy_final", "wall_s"]
+RUN_TABLE = ["status", "verdict", "final_loss", "steps_to_converge", "dead_fraction_final", "accuracy_final"]
 
 
 def short_name(run_dir: str) -> str:
