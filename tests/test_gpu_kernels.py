@@ -309,3 +309,24 @@ def test_gradients_at_new_addresses_are_read_there():
             assert row.tolist() == pytest.approx(reference(grad), rel=1e-12)
         with torch.no_grad():
             first[0].mul_(-2)  # changed in place at the same address
+
+
+@pytest.mark.usefixtures("device_path")
+def test_buffers_are_freed_when_the_statistics_are_dropped_without_the_garbage_collector():
+    # No reference cycle holds the buffers: a fit's objects dropped, their memory is free at once.
+    import gc
+    import weakref
+
+    weights = model(5)
+    sizes = [w.numel() for w in weights]
+    gc.disable()
+    try:
+        grad_stats, ratio = stats.GradientStats(sizes), stats.UpdateRatio(sizes)
+        kept = ratio.before(weights)
+        values, finish = grad_stats.pending([torch.randn_like(w) for w in weights])
+        update, update_finish = ratio.pending(kept, weights, carry=True)
+        buffers = [weakref.ref(t) for t in (values, update, kept.kept[0], grad_stats._device[1].partials)]
+        del grad_stats, ratio, kept, values, finish, update, update_finish
+        assert [ref() for ref in buffers] == [None] * len(buffers)
+    finally:
+        gc.enable()
