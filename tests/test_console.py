@@ -2,8 +2,10 @@
 words what happened (the verdict, what it means, its evidence), the final loss, the accuracy and the
 dead ReLU units where there are any, and the full command that opens the run in TensorBoard."""
 
+import csv
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gradwatch.storage.paths import RunPaths
 from gradwatch.summary.findings import VERDICT_WORDS, diagnose_run, verdict
 
-from conftest import read_tb, strict_json, train_py
+from conftest import REPO, read_tb, strict_json, train_py
 
 pytestmark = pytest.mark.slow  # each test starts train.py
 
@@ -97,3 +99,25 @@ def test_a_dead_layer_run_gives_its_evidence_and_the_findings_as_tensorboard_tex
     assert text.splitlines()[0] == "**verdict: dead_layer**"
     assert [line for line in text.splitlines() if line.startswith("- ")] == [
         f"- `{f['code']}` at step {f['step']} ({f['where']}): {f['detail']}" for f in record["findings"]]
+
+
+def test_a_loss_that_touched_the_threshold_once_is_not_converged(tmp_path):
+    """Minibatches of 4 noisy points: a batch dips below 0.003 long before the loss ends there."""
+    run_dir = tmp_path / "run"
+    line = last_line(train_py(["model=linear", "dataset.noise=0.1", "dataset.batch_size=4", "optimizer.lr=0.05",
+                               "summary.converge_below=0.003", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    losses = read_tb(run_dir)["train/loss"]
+    first = min(step for step, loss in losses.items() if loss <= 0.003)
+    at_end = float(np.median([losses[s] for s in sorted(losses)[-20:]]))  # the last tenth of 200 steps
+    assert at_end > 0.003
+    record = strict_json(RunPaths(run_dir).record)
+    assert (record["converged"], record["steps_to_converge"]) == (False, first)
+    assert line["verdict"] == record["verdict"] == "learning"
+    assert line["evidence"].endswith(f"was at or below 0.003 at step {first} but did not stay there")
+    assert f"{at_end:.3g} at the end" in line["evidence"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), str(run_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(run_dir / "summary.csv", newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert (row["converged"], row["verdict"], float(row["steps_to_converge"])) == ("False", "learning", first)

@@ -40,7 +40,7 @@ VERDICT_WORDS = {
     "dying_relu": "ReLU units are dying",
     "converged": "the loss ended below the convergence threshold",
     "stalled": "the loss stopped improving",
-    "learning": "the loss is still falling, not yet below the convergence threshold",
+    "learning": "the loss fell and nothing went wrong, but it did not end below the convergence threshold",
     NO_VERDICT: "too few steps logged to judge",
 }
 
