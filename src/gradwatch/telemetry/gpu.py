@@ -27,6 +27,7 @@ On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1` s
 triton is imported), which is how the tests check them against float64 without a GPU.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -267,6 +268,14 @@ class _Layout:
         return self._tables
 
 
+def _current(device: torch.device):
+    """A context in which `device` is CUDA's current device: triton launches on the current
+    device (and its current stream), whatever device the tables' addresses belong to."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _readable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors, each contiguous (a copy of the rare one that is not: the kernels read
     `numel` values from its address)."""
@@ -294,11 +303,12 @@ class GradientSums:
         layout, partials = self.layout, self.partials
         tables = layout._tables if placed and readable is grads else layout.addresses(readable)
         stride = partials.shape[1]
-        for (dtype, _, sizes, owner, first, programs, base), table in zip(layout.groups, tables, strict=True):
-            if programs:
-                self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base, DTYPE=DTYPES[dtype],
-                                              BLOCK=self.block, CHUNK=self.chunk)
-        self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
+        with _current(layout.device):
+            for (dtype, _, sizes, owner, first, programs, base), table in zip(layout.groups, tables, strict=True):
+                if programs:
+                    self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base,
+                                              DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk)
+            self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
                                             BLOCK=MERGE_BLOCK)
         return self.out
 
@@ -357,12 +367,13 @@ class UpdateNorms:
             readable)
         stride = partials.shape[1]
         groups = zip(layout.groups, tables, self.kept, self.offsets, strict=True)
-        for (dtype, _, sizes, owner, first, programs, base), table, kept, offsets in groups:
-            if programs:
-                self._chunks[(programs,)](table, sizes, offsets, owner, first, kept, partials, stride, base,
-                                            CARRY=carry, DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk)
-        self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
-                                          BLOCK=MERGE_BLOCK)
+        with _current(layout.device):
+            for (dtype, _, sizes, owner, first, programs, base), table, kept, offsets in groups:
+                if programs:
+                    self._chunks[(programs,)](table, sizes, offsets, owner, first, kept, partials, stride, base,
+                                              CARRY=carry, DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk)
+            self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
+                                            BLOCK=MERGE_BLOCK)
         return self.out
 
 
