@@ -216,6 +216,8 @@ def test_two_sweeps_in_the_same_second_never_share_a_folder(tmp_path):
 
 def test_run_json_is_valid_for_every_run(basic_sweep):
     _, sweep = basic_sweep
-    for run in (p for p in sweep.iterdir() if p.is_dir()):
-        record = strict_json(run / "run.json")
+    run_dirs = pd.read_csv(sweep / "summary.csv")["run_dir"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted([*run_dirs, "mean_over_seeds"])
+    for run in run_dirs:
+        record = strict_json(sweep / run / "run.json")
         assert record["status"] in ("completed", "diverged") and record["wall_s"] > 0
