@@ -54,3 +54,16 @@ def test_tensorboard_script_refuses_a_missing_folder_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(
         f"folder: nothing under {tmp_path} yet; allowed is a run or sweep folder (make train first)")
+
+
+def test_the_closing_line_of_a_large_sweep_opens_its_means_and_names_the_sweep(tmp_path, monkeypatch):
+    from gradwatch.summary.sweep import open_line
+
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("outputs/multirun/2026-01-02/10-00-00-000000")
+    _runs(sweep, 48)
+    _runs(sweep / "mean_over_seeds", 16)
+    tensorboard = Path(sys.executable).absolute().parent / "tensorboard"
+    assert open_line(tmp_path / sweep) == (
+        f"gradwatch: TensorBoard, the mean over seeds per setting: {tensorboard} --logdir {sweep}/mean_over_seeds"
+        f" (every run: --logdir {sweep})")
