@@ -43,9 +43,9 @@ def _read(folder):
 
 def test_each_setting_holds_the_mean_of_its_seeds_finite_values(tmp_path, summary):
     target = write_mean_over_seeds(tmp_path, summary)
-    assert sorted(p.name for p in target.iterdir()) == ["optimizer.lr=0.1", "optimizer.lr=1.0"]
+    assert sorted(p.name for p in target.iterdir()) == ["lr=0.1", "lr=1.0"]
     for lr in (0.1, 1.0):
-        acc = _read(target / f"optimizer.lr={lr}")
+        acc = _read(target / f"lr={lr}")
         assert sorted(acc.Tags()["scalars"]) == sorted(["train/loss", "grad/0.weight/norm", "act/1/dead_fraction",
                                                         "hparams/final_loss", "hparams/converged",
                                                         "hparams/diverged"])  # no nonfinite counts
@@ -57,13 +57,13 @@ def test_each_setting_holds_the_mean_of_its_seeds_finite_values(tmp_path, summar
             assert [s for s, _ in got] == [0, 1, 2, 3]
             assert [v for _, v in got] == pytest.approx(expected.tolist(), rel=1e-6), (lr, tag)
     # lr 1.0 after the divergence: seed 0 alone.
-    loss = [e.value for e in _read(target / "optimizer.lr=1.0").Scalars("train/loss")]
+    loss = [e.value for e in _read(target / "lr=1.0").Scalars("train/loss")]
     assert loss == pytest.approx([4.0, 2.5, 1.0, 0.5])
 
 
 def test_each_setting_is_an_hparams_row_of_its_values_and_mean_results(tmp_path, summary):
     target = write_mean_over_seeds(tmp_path, summary)
-    acc = _read(target / "optimizer.lr=1.0")
+    acc = _read(target / "lr=1.0")
     start = plugin_data_pb2.HParamsPluginData.FromString(
         acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["optimizer.lr"].number_value == 1.0 and start.hparams["runs"].number_value == 2

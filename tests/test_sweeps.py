@@ -58,10 +58,10 @@ def test_mean_over_seeds_folder_holds_each_settings_mean_and_the_closing_line_op
     table = pd.read_csv(sweep / "summary.csv")
     means = sweep / "mean_over_seeds"
     assert sorted(p.name for p in means.iterdir()) == sorted(
-        f"model={m},optimizer.lr={lr}" for m in ("linear", "mlp") for lr in ("0.05", "1e+30"))
+        f"model={m},lr={lr}" for m in ("linear", "mlp") for lr in ("0.05", "1e+30"))
     for (model, lr), runs in table.groupby(["model", "optimizer.lr"]):
         seeds = [read_tb(sweep / run_dir) for run_dir in runs["run_dir"]]
-        mean = _tb_folder(means / f"model={model},optimizer.lr={lr}")
+        mean = _tb_folder(means / f"model={model},lr={lr}")
         for tag in ("train/loss", "grad/global_norm", "grad/0.weight/norm"):
             steps = sorted({step for seed in seeds for step in seed[tag]})
             expected = {}

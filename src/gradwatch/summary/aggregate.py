@@ -41,11 +41,14 @@ def _mean_tag(tag: str) -> bool:
 
 
 def setting_names(runs: pd.DataFrame, swept: list[str]) -> pd.Series:
-    """Each run's setting as a folder name: its swept keys and values (`model=mlp,optimizer.lr=0.1`)."""
+    """Each run's setting as a folder name: its swept keys, by their last part when that names
+    them alone (TensorBoard's run list shows a name's start), and values: `model=mlp,lr=0.1`."""
     keys = [k for k in swept if k in runs.columns]
     if not keys:
         return pd.Series(ALL_RUNS, index=runs.index)
-    text = [",".join(f"{k}={v}" for k, v in zip(keys, row, strict=True))
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    names = short if len(set(short)) == len(short) else keys
+    text = [",".join(f"{k}={v}" for k, v in zip(names, row, strict=True))
             for row in runs[keys].astype(str).itertuples(index=False)]
     return pd.Series([safe_dirname(t) for t in text], index=runs.index)
 
