@@ -48,7 +48,7 @@ def setting_names(runs: pd.DataFrame, swept: list[str]) -> pd.Series:
         return pd.Series(ALL_RUNS, index=runs.index)
     short = [k.rsplit(".", 1)[-1] for k in keys]
     names = short if len(set(short)) == len(short) else keys
-    text = [",".join(f"{k}={v}" for k, v in zip(names, row, strict=True))
+    text = [",".join(f"{k}={v.replace(' ', '')}" for k, v in zip(names, row, strict=True))  # `[32, 32]` as typed
             for row in runs[keys].astype(str).itertuples(index=False)]
     return pd.Series([safe_dirname(t) for t in text], index=runs.index)
 
