@@ -69,5 +69,8 @@ def test_a_run_of_a_joblib_sweep_reruns_alone_to_the_same_numbers(tmp_path):
     assert result.returncode == 0, result.stderr
     swept, single = numbers(sweep_dir / folders[1]), numbers(alone)
     assert len(single["train/loss"]) == 40 and swept == single
-    assert (strict_json(RunPaths(sweep_dir / folders[1]).record)["final_loss"]
-            == strict_json(RunPaths(alone).record)["final_loss"])
+    swept_record = strict_json(RunPaths(sweep_dir / folders[1]).record)
+    single_record = strict_json(RunPaths(alone).record)
+    assert swept_record["final_loss"] == single_record["final_loss"]
+    # Both took their threads from the config, not from the launcher or the shell.
+    assert swept_record["environment"]["threads"] == single_record["environment"]["threads"] == 1
