@@ -277,15 +277,15 @@ def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
                  "partials": "*fp64", "stride": "i64", "base": "i64", "bounds": "*i64", "rows": "*i64",
                  "out": "*fp64", "tensors": "i32"}
         pointer = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float64: "*fp64"}
-        def build(function, constants, **types):
+        def build(function, constants, warps=4, **types):
             kernel = gpu._kernel(function)
             names = kernel.arg_names
             signature = {n: "constexpr" if n in constants else types.get(n, table.get(n)) for n in names}
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                                      target=GPUTarget("cuda", 90, 32))
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             assert compiled.asm["cubin"], function.__name__
         for dtype in pointer:
-            build(gpu._gradient_chunks, {"DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK})
+            build(gpu._gradient_chunks, {"DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK}, gpu.GRADIENT_WARPS)
             build(gpu._change_chunks, {"CARRY": True, "DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK},
                   kept=pointer[dtype])
         build(gpu._gradient_merge, {"BLOCK": gpu.MERGE_BLOCK})

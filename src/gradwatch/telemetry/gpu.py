@@ -10,9 +10,9 @@ likes (`stats.GradientStats.pending`).
 Exact at every magnitude the dtypes hold: each value is widened to float64 in registers, so the
 squares of float32, bf16 and fp16 values neither overflow nor underflow (float32 spans 1.4e-45
 to 3.4e38, float64 normal numbers 2.2e-308 to 1.8e308). std stays right for a mean far larger
-than the spread: each block of `BLOCK` values is centred on its own mean in registers (two
-passes over values already loaded), and the blocks of a chunk, then the chunks of a tensor,
-are merged with Chan et al.'s formula. Counts (zeros, NaN, inf) are integers. The largest
+than the spread: each of a program's `BLOCK` lanes keeps the mean and centred sum of squares of
+the values it reads (Welford's update, in float64 registers), and the lanes of a chunk, then the
+chunks of a tensor, are merged with Chan et al.'s formula. Counts (zeros, NaN, inf) are integers. The largest
 magnitude leaves NaN out, and the merge makes it NaN when the tensor holds one, as `torch.amax`.
 
 The update ratio keeps the weights before the step in their own dtype, in one flat buffer per
@@ -20,7 +20,7 @@ dtype (`UpdateNorms.keep`, one `_foreach_copy_`); after the step one kernel read
 before and after and sums ||before||^2 and ||after - before||^2 per chunk in float64; with
 `carry` it also writes the weights after into the buffer, which is then the next step's copy.
 
-Extra memory: the address tables and the partial sums of each chunk (9 float64 a chunk of
+Extra memory: the address tables and the partial sums of each chunk (8 float64 a chunk of
 `CHUNK` values: 2.2e-3 bytes per gradient value), and the weights' copy for the update ratio.
 
 On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1` set before
@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover - the CUDA builds of torch ship triton; 
 BLOCK = 1024  # values a program holds in registers at a time
 CHUNK = 32768  # values of one tensor a program reads: 32 blocks
 MERGE_BLOCK = 256  # chunks the merge reads at a time
+# The gradient kernel's nine float64 lanes per value: at 8 warps ptxas gives it 120 registers a
+# thread and no spills on sm_90 (220 at 4 warps: half the threads resident).
+GRADIENT_WARPS = 8
 _GRADIENT_PARTS = 8  # per chunk: count, sum, centred sum of squares, sum of squares, zeros, NaN, inf, max |x|
 GRADIENT_FIELDS = 7  # per tensor: mean, centred sum of squares, sum of squares, zeros, NaN, inf, max |x|
 _CHANGE_PARTS = 2  # per chunk and per tensor: ||before||^2, ||after - before||^2
@@ -65,53 +68,57 @@ if triton is not None:
     def _gradient_chunks(addresses, sizes, owner, first, partials, stride, base,
                          DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         """One chunk of one tensor: its count, sum, sum of squares about its mean, sum of
-        squares, zeros, NaN, inf and largest finite magnitude, into column base + program."""
+        squares, zeros, NaN, inf and largest finite magnitude, into column base + program.
+
+        Each of the BLOCK lanes keeps its own sums over the values it loads, and its own mean
+        and centred sum of squares (Welford's update), so the loop streams with no reduction
+        across lanes; the lanes are merged once, at the end, by Chan et al.'s formula."""
         program = tl.program_id(0)
         tensor = tl.load(owner + program)
         n = tl.load(sizes + tensor)
         start = (program - tl.load(first + tensor)) * CHUNK
         stop = tl.minimum(start + CHUNK, n)
         x_at = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
-        count = tl.zeros((), tl.float64)
-        total = tl.zeros((), tl.float64)
-        centred = tl.zeros((), tl.float64)
-        squares = tl.zeros((), tl.float64)
-        zeros = tl.zeros((), tl.int32)
-        nans = tl.zeros((), tl.int32)
-        infs = tl.zeros((), tl.int32)
-        top = tl.zeros((), tl.float64)
+        count = tl.zeros((BLOCK,), tl.float64)
+        total = tl.zeros((BLOCK,), tl.float64)
+        mean = tl.zeros((BLOCK,), tl.float64)
+        centred = tl.zeros((BLOCK,), tl.float64)
+        squares = tl.zeros((BLOCK,), tl.float64)
+        zeros = tl.zeros((BLOCK,), tl.int32)
+        nans = tl.zeros((BLOCK,), tl.int32)
+        infs = tl.zeros((BLOCK,), tl.int32)
+        top = tl.zeros((BLOCK,), tl.float64)
         for s in range(start, stop, BLOCK):
             offsets = s + tl.arange(0, BLOCK)
             valid = offsets < stop
             x = tl.load(x_at + offsets, mask=valid, other=0).to(tl.float64)
-            size = tl.minimum(stop - s, BLOCK).to(tl.float64)
-            block_total = tl.sum(x, axis=0)
-            block_mean = block_total / size
-            deviation = tl.where(valid, x - block_mean, 0.0)
-            block_centred = tl.sum(deviation * deviation, axis=0)
-            # Chan et al.: the block merged into the blocks before it (the mean from the sum, so
-            # an inf stays an inf in the sum however many finite blocks follow).
-            merged = count + size
-            delta = block_mean - tl.where(count > 0, total / tl.maximum(count, 1.0), block_mean)
-            centred += block_centred + delta * delta * (count * size / merged)
-            total += block_total
-            count = merged
-            squares += tl.sum(x * x, axis=0)
+            # A lane's values so far, this one included: the same for every lane that loads one.
+            seen = ((s - start) // BLOCK + 1).to(tl.float64)
+            count += valid.to(tl.float64)
+            total += x
+            deviation = x - mean
+            mean += tl.where(valid, deviation / seen, 0.0)
+            centred += tl.where(valid, deviation * (x - mean), 0.0)
+            squares += x * x
             magnitude = tl.abs(x)
             not_a_number = x != x
-            zeros += tl.sum((valid & (x == 0.0)).to(tl.int32), axis=0)
-            nans += tl.sum(not_a_number.to(tl.int32), axis=0)
-            infs += tl.sum((magnitude == float("inf")).to(tl.int32), axis=0)
-            top = tl.maximum(top, tl.max(tl.where(not_a_number, 0.0, magnitude), axis=0))
+            zeros += (valid & (x == 0.0)).to(tl.int32)
+            nans += not_a_number.to(tl.int32)
+            infs += (magnitude == float("inf")).to(tl.int32)
+            top = tl.maximum(top, tl.where(not_a_number, 0.0, magnitude))
+        chunk_count = tl.sum(count, axis=0)
+        chunk_total = tl.sum(total, axis=0)
+        # The chunk's mean from its sum (an inf stays an inf); each lane's spread about it.
+        spread = tl.where(count > 0, mean - chunk_total / chunk_count, 0.0)
         column = partials + base + program
-        tl.store(column, count)
-        tl.store(column + stride, total)
-        tl.store(column + 2 * stride, centred)
-        tl.store(column + 3 * stride, squares)
-        tl.store(column + 4 * stride, zeros.to(tl.float64))
-        tl.store(column + 5 * stride, nans.to(tl.float64))
-        tl.store(column + 6 * stride, infs.to(tl.float64))
-        tl.store(column + 7 * stride, top)
+        tl.store(column, chunk_count)
+        tl.store(column + stride, chunk_total)
+        tl.store(column + 2 * stride, tl.sum(centred + count * spread * spread, axis=0))
+        tl.store(column + 3 * stride, tl.sum(squares, axis=0))
+        tl.store(column + 4 * stride, tl.sum(zeros, axis=0).to(tl.float64))
+        tl.store(column + 5 * stride, tl.sum(nans, axis=0).to(tl.float64))
+        tl.store(column + 6 * stride, tl.sum(infs, axis=0).to(tl.float64))
+        tl.store(column + 7 * stride, tl.max(top, axis=0))
 
     def _gradient_merge(partials, stride, bounds, rows, out, tensors, BLOCK: tl.constexpr):
         """One tensor's chunks (columns bounds[t] to bounds[t + 1]) merged into its row of `out`
@@ -307,7 +314,8 @@ class GradientSums:
             for (dtype, _, sizes, owner, first, programs, base), table in zip(layout.groups, tables, strict=True):
                 if programs:
                     self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base,
-                                              DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk)
+                                              DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk,
+                                              num_warps=GRADIENT_WARPS)
             self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
                                             BLOCK=MERGE_BLOCK)
         return self.out
