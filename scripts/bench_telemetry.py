@@ -7,6 +7,8 @@ Variants:
 - pipeline: `python train.py` with telemetry at every step, against `telemetry=off`;
 - own project: a plain LightningModule and `Trainer(callbacks=[GradientTelemetry()],
   logger=TensorBoardLogger(...))`, against the same Trainer without the callback;
+- own CSV (`--csv`): the same with `CSVLogger` instead, a logger the callback writes through
+  `log_metrics` (one call a step), against the same Trainer and CSVLogger without the callback;
 - naive (`--naive`): a Python loop over parameters with `.item()` per statistic, handed to the
   pipeline's recorder (the pipeline runs Lightning with `logger=False`, so `self.log` would
   write nowhere);
@@ -163,8 +165,9 @@ class OwnModule(pl.LightningModule):
         return factory(self.parameters(), lr=lr)
 
 
-def own_project_times(model: str, optimizer: str, variant: str, steps: int, folder: Path) -> tuple[float, float]:
-    from lightning.pytorch.loggers import TensorBoardLogger
+def own_project_times(model: str, optimizer: str, variant: str, steps: int, folder: Path,
+                      csv: bool = False) -> tuple[float, float]:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from gradwatch import GradientTelemetry
 
@@ -172,7 +175,8 @@ def own_project_times(model: str, optimizer: str, variant: str, steps: int, fold
     x = torch.rand(256, 2) * 2 - 1
     batches = torch.utils.data.DataLoader([(x, x.sum(dim=1, keepdim=True))], batch_size=None)
     callbacks = [GradientTelemetry(), StepTimer()] if variant == "on" else [StepTimer()]
-    trainer = pl.Trainer(max_steps=steps, logger=TensorBoardLogger(str(folder), name="own"), callbacks=callbacks,
+    logger = CSVLogger(str(folder), name="csv") if csv else TensorBoardLogger(str(folder), name="own")
+    trainer = pl.Trainer(max_steps=steps, logger=logger, callbacks=callbacks,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
     SPANS.clear()
@@ -180,12 +184,18 @@ def own_project_times(model: str, optimizer: str, variant: str, steps: int, fold
     return per_step()
 
 
+def own_csv_times(model: str, optimizer: str, variant: str, steps: int, folder: Path) -> tuple[float, float]:
+    return own_project_times(model, optimizer, variant, steps, folder, csv=True)
+
+
 def bench_models(steps: int, repeats: int, extra: list[str], folder: Path, models: list[str],
-                 optimizers: list[str]) -> None:
+                 optimizers: list[str], csv: bool = False) -> None:
     print(f"\nper step, fastest of {repeats} interleaved runs of {steps} steps (first {WARMUP} left out); "
           "ratio: median over the repeats against the neighbouring telemetry-off run of the same harness")
     print(f"{'model':20s} {'optimizer':9s} {'variant':19s} {'CPU ms':>8s} {'ratio':>7s} {'wall ms':>8s} {'ratio':>7s}")
     harnesses = {"pipeline": pipeline_times, "own project": own_project_times}
+    if csv:
+        harnesses["own CSV"] = own_csv_times
     for model in models:
         for optimizer in optimizers:
             cases = [(h, v) for h in harnesses for v in ("off", "on")] + [("pipeline", v) for v in extra]
@@ -267,6 +277,7 @@ def main() -> None:
     parser.add_argument("--naive", action="store_true", help="also time the naive .item()/self.log logger")
     parser.add_argument("--torch-ops", action="store_true", help="also time the pipeline with the statistics as "
                         "torch operations (the GPU path) instead of the CPU kernels")
+    parser.add_argument("--csv", action="store_true", help="also time the own project with a CSVLogger")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 300)")
     parser.add_argument("--model", choices=["all", "mlp", "deep"], default="all")
     parser.add_argument("--optimizer", choices=["all", *OPTIMIZERS], default="all")
@@ -287,7 +298,7 @@ def main() -> None:
             bench_statistics(model, 50 if args.quick else 300)
         optimizers = [o for o in OPTIMIZERS if args.optimizer in ("all", o)]
         extra = ["naive"] * args.naive + ["torch ops"] * args.torch_ops
-        bench_models(steps, args.repeats or (1 if args.quick else 5), extra, Path(tmp), models, optimizers)
+        bench_models(steps, args.repeats or (1 if args.quick else 5), extra, Path(tmp), models, optimizers, args.csv)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,54 @@ def test_two_instances_are_refused_in_one_line_that_says_how_to_combine(tmp_path
     assert "\n" not in message and "histograms_every_n_steps" in message and "2 instances" in message
 
 
+def test_a_sharding_strategy_is_refused_in_one_line_at_setup():
+    """FSDP needs a GPU to be built; the check only looks at the Trainer's strategy (as Lightning's
+    own callbacks do in `setup`), so a strategy object not set up is enough."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    telemetry = GradientTelemetry()
+    trainer = SimpleNamespace(callbacks=[telemetry], strategy=object.__new__(FSDPStrategy), loggers=[])
+    with pytest.raises(MisconfigurationException) as refused:
+        telemetry.setup(trainer, None, "fit")
+    assert "\n" not in str(refused.value) and "FSDPStrategy shards parameters" in str(refused.value)
+
+
+class ScaledManual(Net):
+    """Manual optimization under 16-mixed: Lightning hands `on_before_backward` the scaled loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.losses.append(loss.item())
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimization_under_16_mixed_logs_the_unscaled_loss(tmp_path):
+    torch.manual_seed(8)
+    module = ScaledManual()
+    logger = TensorBoardLogger(str(tmp_path), name="scaled")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as on a GPU
+    trainer = pl.Trainer(max_steps=3, plugins=[scaled], logger=logger, enable_checkpointing=False,
+                         callbacks=[GradientTelemetry()], **QUIET)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(micro_batches(3), batch_size=None))
+    scalars = once(read_events(logger.log_dir))
+    assert trainer.precision_plugin.scaler.get_scale() >= 2.0**15  # what backward was handed, scaled
+    for step, loss in enumerate(module.losses):
+        assert scalars["train/loss"][step] == pytest.approx(loss, rel=1e-6)
+
+
 class Poisoned(Net):
     """l1.weight's gradient turns NaN at step 2 (the loss stays finite there)."""
 

@@ -38,8 +38,6 @@ DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
 # at fit start (docs/callback.md).
 OTHER_ACTIVATIONS = (nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                      nn.Hardswish, nn.Softplus)
-# Strategies that shard parameters and gradients: a process holds part of each tensor.
-_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 _VERSION = operator.attrgetter("_version")
 # The defaults' one home: the telemetry config gradwatch's pipeline composes.
 DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "telemetry" / "default.yaml"))
@@ -191,16 +189,18 @@ class GradientTelemetry(pl.Callback):
         self.histograms_every_n_steps = histograms_every_n_steps
         self.update_ratio = update_ratio
         self._own_recorder = recorder is None
+        # Distinct settings, distinct keys: Lightning then lets `setup` say how to combine them.
+        # Made once: Lightning reads it for every hook call (its profiler's action names).
+        self._state_key = self._generate_state_key(every_n_steps=every_n_steps, activations=activations,
+                                                   histograms_every_n_steps=histograms_every_n_steps,
+                                                   update_ratio=update_ratio)
         self.divergence: dict | None = None  # why the run stopped or diverged (kept after fit)
         self._fired_epoch: torch.Tensor | None = None
         self._reset()
 
     @property
     def state_key(self) -> str:
-        # Distinct settings, distinct keys: Lightning then lets `setup` say how to combine them.
-        return self._generate_state_key(every_n_steps=self.every_n_steps, activations=self.activations,
-                                        histograms_every_n_steps=self.histograms_every_n_steps,
-                                        update_ratio=self.update_ratio)
+        return self._state_key
 
     def _reset(self) -> None:
         """Everything a fit builds, dropped: after fit nothing of the model's size stays held."""
@@ -264,11 +264,13 @@ class GradientTelemetry(pl.Callback):
             raise MisconfigurationException(
                 f"GradientTelemetry: {len(others) + 1} instances in one Trainer would write the same tags; use one "
                 "that takes every schedule, e.g. GradientTelemetry(every_n_steps=1, histograms_every_n_steps=100)")
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in _SHARDED):
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        # Strategies that shard parameters and gradients: a process holds part of each tensor.
+        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
             raise MisconfigurationException(
-                f"GradientTelemetry: the {strategy} shards parameters and gradients across processes, so each "
-                "process sees a part of them; use a strategy that keeps whole parameters (ddp, single device)")
+                f"GradientTelemetry: {type(trainer.strategy).__name__} shards parameters and gradients across "
+                "processes, so each sees a part of them; use a strategy that keeps whole parameters (ddp, one device)")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -412,6 +414,9 @@ class GradientTelemetry(pl.Callback):
             self._kept = None
         if self._last_batch and self._fired_epoch is not None:
             self._add_epoch_dead_fraction()
+        # The gradients are let go now: the next backward can reuse their memory (held until the
+        # next step, every step would allocate afresh: ~30 us more a step on a 100-tensor net).
+        self._grads = []
         self._hand_over(step)
 
     def _hand_over(self, step: int) -> None:
@@ -546,7 +551,6 @@ class GradientTelemetry(pl.Callback):
             outputs = [calls[i][0] if len(calls[i]) == 1 else unit_view(calls[i]) for i in present]
         if changed:
             self._say_changed(changed)
-        self._clear_calls()
         if not present:
             return
         key = (present, tuple(map(_SHAPE, outputs)))

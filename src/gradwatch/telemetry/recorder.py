@@ -274,6 +274,9 @@ class StepRecorder(pl.Callback):
         self._current = step = trainer.global_step
         record = self._step(step)
         loss = loss.detach()
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            loss = loss / scaler._scale  # 16-mixed hands the hook the scaled loss (a device op: no wait)
         record.backward_loss = loss if record.backward_loss is None else record.backward_loss + loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
