@@ -21,7 +21,7 @@ before and after and sums ||before||^2 and ||after - before||^2 per chunk in flo
 `carry` it also writes the weights after into the buffer, which is then the next step's copy.
 
 Extra memory: the address tables and the partial sums of each chunk (8 float64 a chunk of
-`CHUNK` values: 2.2e-3 bytes per gradient value), and the weights' copy for the update ratio.
+`CHUNK` values: 2.0e-3 bytes per gradient value), and the weights' copy for the update ratio.
 
 On a CPU the same kernels run under Triton's interpreter (`TRITON_INTERPRET=1` set before
 triton is imported), which is how the tests check them against float64 without a GPU.
