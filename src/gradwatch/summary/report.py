@@ -345,6 +345,10 @@ _CHAR_W = 0.075  # inches per character of an 8-point label
 DIVERGED = dict(marker="X", color="black", s=55, edgecolors="white", linewidths=0.6, zorder=6)
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def _log_y(ax) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(numticks=5))
@@ -447,7 +451,7 @@ def draw_loss(summary, plan: Layout, metrics_by_run=None):
         if len(x):  # a loss above the range sits on the top edge
             ax.scatter(x["step"], x["loss"].fillna(high).clip(low, high / 4), **DIVERGED)
     axes[0].set_ylim(low, high)
-    return fig, f"Loss per setting ({len(summary.runs)} runs; {plan.per_setting})", colors, lines, extra
+    return fig, f"Loss per setting ({_runs(len(summary.runs))}; {plan.per_setting})", colors, lines, extra
 
 
 def _cell_text(metric: str, value: float, diverged: int, runs: int) -> str:
@@ -534,7 +538,7 @@ def draw_heatmap(summary):
     handles = [legend[k] for k in ("every", "some", "none") if k in marks]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(_wrap(f"{label[0].upper()}{label[1:]} per setting ({len(summary.runs)} runs; {seeds})", width - 0.5),
+    fig.suptitle(_wrap(f"{label[0].upper()}{label[1:]} per setting ({_runs(len(summary.runs))}; {seeds})", width - 0.5),
                  fontsize=10)
     return fig
 
@@ -569,7 +573,7 @@ def draw_scatter(summary, key: str):
     others = ", ".join(k for k in swept_keys(summary) if k != key) or "runs"
     fig.legend(handles=handles, title=others, loc="outside right center", fontsize=8, title_fontsize=8,
                frameon=False)
-    fig.suptitle(f"Final loss of each run against {key} ({len(data)} runs)", fontsize=10)
+    fig.suptitle(f"Final loss of each run against {key} ({_runs(len(data))})", fontsize=10)
     return fig
 
 
