@@ -3,11 +3,12 @@ to open so that TensorBoard starts on a few lines.
 
 TensorBoard selects at most 40 runs when it opens a folder (past that it selects none: blank
 Scalars and Custom Scalars tabs). A sweep of 48 runs over 16 settings therefore also gets
-`<sweep>/mean_over_seeds/<setting>/`, one TensorBoard run per setting holding, per step, the mean
-over its seeds of the loss, the global and per-parameter gradient norms and the dead fractions
-(finite values only: a diverged seed leaves the mean from its first non-finite step), under the
-runs' own tag names and custom-scalars layout, and an HParams row per setting: its swept values
-against the mean over its runs of their final metrics (and the share that converged or diverged).
+`<sweep>/mean_over_seeds/<setting>/`, one TensorBoard run per setting holding, per step, the
+mean over its seeds of the loss (and accuracy), the global and per-parameter gradient norms and
+the dead fractions (finite values only: a diverged seed leaves the mean from its first
+non-finite step), under the runs' own tag names and custom-scalars layout, and an HParams row
+per setting: its swept values against the mean over its runs of their final metrics (and the
+shares that converged and diverged).
 
     >>> write_mean_over_seeds(sweep_dir, summary)   # doctest: +SKIP
     PosixPath('outputs/multirun/.../mean_over_seeds')
@@ -31,7 +32,7 @@ from gradwatch.summary.outcome import Outcome
 from gradwatch.telemetry import tags
 
 TENSORBOARD_SELECTS = 40  # runs TensorBoard selects when it opens a folder; past that, none
-ALL_RUNS = "all runs"  # the one setting of a sweep over seeds only
+ALL_RUNS = "all_runs"  # the one setting (its folder name) of a sweep over seeds only
 
 
 def _mean_tag(tag: str) -> bool:
