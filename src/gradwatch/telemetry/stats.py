@@ -17,6 +17,14 @@ On a CPU, contiguous float32 tensors (the usual case) go instead through fused k
 (`gradwatch.telemetry.kernels`, numba), which read each tensor where it lies in one or two
 passes, with float64 sums, and leave the finished rows in host memory: the same numbers, 3-10x
 cheaper in a training step. Set `HOST_KERNELS = False` to use torch operations everywhere.
+
+On CUDA, the gradient statistics and the update ratio go through multi-tensor Triton kernels
+(`gradwatch.telemetry.gpu`, docs/gpu.md): each tensor read in place, a fixed number of launches
+a step, float64 sums, no copy of the gradients, the weights before a step kept once in their own
+dtype. The torch operations here remain for what neither kernel set reads (half precision on a
+CPU, other devices, no triton). `DEVICE_KERNELS = False` turns the Triton path off;
+`DEVICE_KERNELS_ON_CPU = True` sends CPU tensors the numba kernels do not take through it when
+triton interprets (the tests).
 """
 
 import math
@@ -29,7 +37,6 @@ import torch
 
 from gradwatch.telemetry.tags import GRAD_STATS
 
-_WIDE = (torch.float32, torch.float64)
 # Sizes whose tensors hold fewer elements than this in all share one zero-padded group: their
 # reductions cost the per-operation overhead, not the elements, so fewer groups is what makes
 # them cheap; a size with more has a group of its own, so no padding multiplies its elements.
@@ -38,7 +45,6 @@ SMALL = 4096
 # to (normal numbers, so the scale itself is exact).
 _EXPONENT = {torch.float32: (torch.int32, 0x7F800000, 2.0**-126, 2.0**127),
              torch.float64: (torch.int64, 0x7FF0000000000000, 2.0**-1022, 2.0**1023)}
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 HOST_KERNELS = True  # use gradwatch.telemetry.kernels for float32 CPU tensors (when numba imports)
 _kernels = None  # the module once imported; False when numba is missing
 # Use gradwatch.telemetry.gpu (Triton's multi-tensor kernels) for CUDA tensors; and for the CPU
@@ -297,14 +303,6 @@ def _getter(indices: list[int]) -> Callable[[Sequence], tuple]:
     return operator.itemgetter(*indices)
 
 
-def _scale_of(abs_max: torch.Tensor) -> torch.Tensor:
-    """The power of two of each value's binade (its exponent bits), kept to normal numbers: a
-    row divided by it has its largest magnitude in [1, 2), exactly. 0 gives the smallest normal
-    number (the row stays 0), inf and NaN the largest (they stay inf and NaN)."""
-    int_dtype, mask, low, high = _EXPONENT[abs_max.dtype]
-    return (abs_max.view(int_dtype) & mask).view(abs_max.dtype).clamp_(low, high)
-
-
 class _GroupViews:
     """One size group's persistent views: its stack, work rows and slots of the raw sums."""
 
@@ -347,7 +345,8 @@ class _Work:
         self.inverse, self.mean = torch.zeros(2, rows, dtype=dtype, device=device)
         self.n = torch.tensor(stacker.row_sizes, dtype=dtype, device=device)
         int_dtype, self.exponent_mask, low, high = _EXPONENT[dtype]
-        # The scale's exponent bits, kept to normal numbers (see _scale_of), as integers.
+        # The scale: the exponent bits of a row's abs_max, kept to normal numbers (so dividing by it
+        # is exact: 0 gives the smallest normal number, inf and NaN the largest), as integers.
         numpy_float = np.float64 if dtype == torch.float64 else np.float32
         self.low, self.high = (int(np.array(v, dtype=numpy_float).view(f"i{np.dtype(numpy_float).itemsize}"))
                                for v in (low, high))
