@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Pinned by constraints.txt: torch 2.13.0 is the CPU build (see README for a GPU build).
+# Pinned by constraints.txt: torch 2.13.0 is the CPU build (docs/gpu.md: a GPU build).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -29,7 +29,7 @@ def test_base_config_has_the_documented_defaults(base_cfg):
 
 
 def test_trainer_strategy_is_a_config_key():
-    """`trainer.strategy=ddp trainer.devices=2` composes without a `+` (README, distributed runs)."""
+    """`trainer.strategy=ddp trainer.devices=2` composes without a `+` (docs/reliability.md, distributed runs)."""
     cfg = compose_cfg(["trainer.strategy=ddp", "trainer.devices=2"])
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
     assert compose_cfg([]).trainer.strategy == "auto"

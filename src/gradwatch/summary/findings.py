@@ -1,4 +1,4 @@
-"""Findings: what happened to a run, in words, read from its recorded curves (README, "Findings and verdicts").
+"""Findings: what happened to a run, in words, read from its recorded curves (docs/findings.md).
 
 Pure functions over the long DataFrame `read_metrics(run_dir)` returns (`step`, `tag`, `value`), so
 the run's end and `scripts/summarize.py` call the same `diagnose` and always agree.
@@ -73,7 +73,7 @@ _DEFAULTS = _configured_defaults()
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The `diagnosis.*` thresholds (README, "Findings and verdicts") and the convergence
+    """The `diagnosis.*` thresholds (docs/findings.md) and the convergence
     threshold `summary.converge_below` / `summary.converge_relative`; defaults from conf/train.yaml."""
 
     dying_rise: float = _DEFAULTS["dying_rise"]

@@ -24,7 +24,7 @@ from gradwatch.summary.outcome import Outcome, natural_key
 from gradwatch.summary.results import read_results
 from gradwatch.telemetry import tags
 
-# The summary's columns, in order (README, "Sweeps and their summary"): swept keys go after `status`,
+# The summary's columns, in order (docs/sweeps.md): swept keys go after `status`,
 # the outcome's fields after `seed`, per-layer dead fractions after `dead_fraction_max`.
 LEAD_COLUMNS = ["run_dir", "status", "verdict", "findings"]
 _OUTCOME = Outcome.names()
