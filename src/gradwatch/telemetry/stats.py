@@ -386,7 +386,9 @@ class GradientStats:
     (L2 over all gradients) in its `norm` column, the other columns 0. The table is float64, on
     the gradients' device.
 
-    The gradients are copied into one flat buffer (`SizeGroups`); every element-wise step runs
+    On CUDA the Triton kernels read the gradients in place (`gpu.GradientSums`; `pending` then
+    returns their raw sums and `_finish_device`). On the torch-operations path the gradients
+    are copied into one flat buffer (`SizeGroups`); every element-wise step runs
     once over that whole buffer and every reduction once per group, into buffers kept across
     calls: about 15 + 5 per group tensor operations a step, whatever the number of parameters
     (in a training step on a CPU each costs ~10 us of overhead, more than the arithmetic).
@@ -527,7 +529,9 @@ def gradient_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 class UpdateRatio:
     """||theta_after - theta_before|| / ||theta_before|| per parameter, for one optimizer step.
 
-    `before(params)` keeps a float64 copy of the weights (laid out as `SizeGroups`);
+    On CUDA, `before(params)` keeps the weights in their own dtype and one Triton kernel measures
+    the change in float64 (`gpu.UpdateNorms`, which is then `kept`). On the torch-operations
+    path, `before(params)` keeps a float64 copy of the weights (laid out as `SizeGroups`);
     `pending(kept, params)` gives what the step's ratios need, and `finish` (when not None)
     makes them on the host: `norms` copies the weights again beside the kept ones and gives
     (2, k) ||before|| and ||after - before|| on the device. `__call__(kept, params)` gives the
