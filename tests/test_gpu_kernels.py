@@ -353,3 +353,67 @@ def test_a_logged_step_on_cuda_does_not_synchronise():
             ratio.pending(kept, weights, carry=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.relu, self.head = torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.relu(self.hidden(x)))
+
+
+def fit_and_read(tmp_path, name: str) -> dict:
+    """Three logged steps of a Lightning module with GradientTelemetry; every scalar read back."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradwatch import GradientTelemetry
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(8)
+            self.net = Tiny()
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+    torch.manual_seed(9)
+    data = torch.utils.data.DataLoader([(torch.randn(32, 4), torch.randint(0, 3, (32,)))] * 3, batch_size=None)
+    logger = TensorBoardLogger(str(tmp_path), name=name)
+    trainer = pl.Trainer(max_steps=3, callbacks=[GradientTelemetry(every_n_steps=1)], logger=logger,
+                         accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Module(), train_dataloaders=data)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: {e.step: e.value for e in events.Scalars(t)} for t in events.Tags()["scalars"]}
+
+
+def test_the_callback_logs_through_the_device_kernels_what_the_cpu_kernels_log(tmp_path, monkeypatch):
+    # The real callback and TensorBoard files: the Triton path (interpreted here) against the
+    # numba kernels, tag by tag and step by step, for the gradients and the update ratio.
+    expected = fit_and_read(tmp_path, "cpu_kernels")
+    monkeypatch.setattr(stats, "HOST_KERNELS", False)
+    monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
+    calls = []
+    for kind in (gpu.GradientSums, gpu.UpdateNorms):
+        def counted(self, *args, _run=kind.__call__, **kwargs):
+            calls.append(type(self).__name__)
+            return _run(self, *args, **kwargs)
+        monkeypatch.setattr(kind, "__call__", counted)
+    got = fit_and_read(tmp_path, "device_kernels")
+    # Each step on the device kernels: the statistics and the update ratio (and the first launch of each).
+    assert calls.count("GradientSums") == 3 and calls.count("UpdateNorms") == 4
+    compared = [t for t in expected if t.startswith(("grad/", "update/"))]
+    assert len(compared) == 4 * len(STATS) + 1 + 4  # 4 parameters, the global norm, 4 update ratios
+    for tag in compared:
+        assert sorted(got[tag]) == [0, 1, 2], tag
+        assert got[tag] == pytest.approx(expected[tag], rel=1e-6, abs=1e-30), tag
