@@ -326,7 +326,8 @@ def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
     zero_fraction, norm, abs_max, nonfinite) flattened, then the global norm (float64)."""
     mean, centred, squares, zeros, nans, infs, top = np.asarray(raw, dtype=np.float64).reshape(GRADIENT_FIELDS, -1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        std = np.where(n > 1, np.sqrt(centred / np.maximum(n - 1, 1)), 0.0)  # unbiased; 0 for one value
+        # Unbiased; 0 for one value; NaN, like the mean and zero fraction, for an empty tensor.
+        std = np.where(n > 1, np.sqrt(centred / np.maximum(n - 1, 1)), np.where(n == 1, 0.0, np.nan))
         abs_max = np.where(nans > 0, np.nan, top)
         # The root may round below the largest magnitude: keep norm >= abs_max exact.
         norm = np.fmax(np.sqrt(squares), top)
