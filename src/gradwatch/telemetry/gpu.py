@@ -12,8 +12,9 @@ squares of float32, bf16 and fp16 values neither overflow nor underflow (float32
 to 3.4e38, float64 normal numbers 2.2e-308 to 1.8e308). std stays right for a mean far larger
 than the spread: each of a program's `BLOCK` lanes keeps the mean and centred sum of squares of
 the values it reads (Welford's update, in float64 registers), and the lanes of a chunk, then the
-chunks of a tensor, are merged with Chan et al.'s formula. Counts (zeros, NaN, inf) are integers. The largest
-magnitude leaves NaN out, and the merge makes it NaN when the tensor holds one, as `torch.amax`.
+chunks of a tensor, are merged with Chan et al.'s formula. Counts (zeros, NaN, inf) are
+integers. The largest magnitude leaves NaN out, and the host makes it NaN when the tensor holds
+one, as `torch.amax` does.
 
 The update ratio keeps the weights before the step in their own dtype, in one flat buffer per
 dtype (`UpdateNorms.keep`, one `_foreach_copy_`); after the step one kernel reads the weights
@@ -42,8 +43,8 @@ except ImportError:  # pragma: no cover - the CUDA builds of torch ship triton; 
 BLOCK = 1024  # values a program holds in registers at a time
 CHUNK = 32768  # values of one tensor a program reads: 32 blocks
 MERGE_BLOCK = 256  # chunks the merge reads at a time
-# The gradient kernel's nine float64 lanes per value: at 8 warps ptxas gives it 120 registers a
-# thread and no spills on sm_90 (220 at 4 warps: half the threads resident).
+# The gradient kernel keeps six float64 and three int32 accumulators per lane: at 8 warps ptxas
+# gives it 120 registers a thread and no spills on sm_90 (220 at 4 warps: half the threads resident).
 GRADIENT_WARPS = 8
 _GRADIENT_PARTS = 8  # per chunk: count, sum, centred sum of squares, sum of squares, zeros, NaN, inf, max |x|
 GRADIENT_FIELDS = 7  # per tensor: mean, centred sum of squares, sum of squares, zeros, NaN, inf, max |x|
