@@ -29,7 +29,11 @@ host synchronisations per step with torch's sync debug mode, `off` against `grad
 Without CUDA it says so and makes a small CPU dry run (tiny models, 2 repeats, a few steps), so
 the script is known to work before device time is spent on it.
 
+`--kernels` also times the kernels alone on the GPT's gradients for several block, chunk and
+warps choices, against one `_foreach_norm` (the bandwidth each reaches): the layout to keep.
+
     python scripts/bench_gpu.py [--models gpt,mlp_wide,resnet18,gpt_big] [--repeats 3] [--no-syncs]
+        [--kernels]
         [--out results.json] [--budget-s 540]
 """
 
@@ -374,6 +378,46 @@ def device_path_proxy(width: int = 64) -> dict:
     return report
 
 
+def kernel_layouts(small: bool) -> list[dict]:
+    """The kernels alone on the 98M GPT's gradients (its 149 tensors, float32, as under
+    bf16-mixed), for each block, chunk and warps tried, against one `_foreach_norm` (which reads
+    the same bytes): microseconds a call, timed with CUDA events over 50 calls after 5, and the
+    bandwidth that makes. The update ratio's kernel with `carry` reads two copies and writes one."""
+    from gradwatch.telemetry import gpu
+
+    net = GPT(64, 32, 2, 2, 8) if small else GPT(8192, 768, 12, 12, 256)
+    grads = [torch.randn_like(p, device=DEVICE) for p in net.parameters()]
+    weights = [torch.randn_like(g) for g in grads]
+    sizes, dtypes = [g.numel() for g in grads], [g.dtype for g in grads]
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+
+    def timed(call, reads: int) -> dict:
+        for _ in range(5):
+            call()
+        if not CUDA:
+            return {}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            call()
+        end.record()
+        end.synchronize()
+        us = start.elapsed_time(end) / 50 * 1e3
+        return {"us": us, "GB/s": reads * nbytes / us / 1e3}
+
+    rows = [{"what": "_foreach_norm", **timed(lambda: torch._foreach_norm(grads), 1)}]
+    layouts = [(1024, 32768, 8), (1024, 32768, 4), (512, 16384, 4), (1024, 65536, 8), (2048, 65536, 8)]
+    for block, chunk, warps in layouts[:1] if small else layouts:
+        sums = gpu.GradientSums(sizes, dtypes, grads[0].device, block, chunk, warps)
+        rows.append({"what": f"statistics block={block} chunk={chunk} warps={warps}",
+                     **timed(lambda sums=sums: sums(grads), 1)})
+        norms = gpu.UpdateNorms(sizes, dtypes, grads[0].device, block, chunk, 4 if warps == 8 else warps)
+        norms.keep(weights)
+        rows.append({"what": f"update ratio (carry) block={block} chunk={chunk}",
+                     **timed(lambda norms=norms: norms(weights, carry=True), 3)})
+    return rows
+
+
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
@@ -423,6 +467,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--no-syncs", action="store_true", help="skip counting host synchronisations per step")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip what would start after this many seconds")
+    parser.add_argument("--kernels", action="store_true", help="also time the kernels alone for several layouts")
     parser.add_argument("--proxy-only", action="store_true", help="without CUDA: only the GPU path's CPU proxy")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
     args = parser.parse_args()
@@ -464,6 +509,10 @@ def main() -> None:
             counts[variant] = None if found is None else found / steps
             print("syncs per step", variant, counts[variant], result.get("error") or "", flush=True)
         report["syncs_per_step"] = counts
+    if args.kernels:
+        report["kernels"] = kernel_layouts(small)
+        for row in report["kernels"]:
+            print("kernels alone:", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
     if not CUDA:
         from gradwatch.telemetry import gpu
 

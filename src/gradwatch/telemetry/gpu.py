@@ -297,9 +297,9 @@ class GradientSums:
     tensors) float64 buffer on the device, in input order (valid until the next call)."""
 
     def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device,
-                 block: int = BLOCK, chunk: int = CHUNK):
+                 block: int = BLOCK, chunk: int = CHUNK, warps: int = GRADIENT_WARPS):
         self.sizes = list(sizes)
-        self.block, self.chunk = block, chunk
+        self.block, self.chunk, self.warps = block, chunk, warps
         self.layout = _Layout(self.sizes, dtypes, device, chunk)
         self.partials = torch.zeros(_GRADIENT_PARTS, max(self.layout.chunks, 1), dtype=torch.float64, device=device)
         self.out = torch.zeros(GRADIENT_FIELDS, len(self.sizes), dtype=torch.float64, device=device)
@@ -316,7 +316,7 @@ class GradientSums:
                 if programs:
                     self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base,
                                               DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk,
-                                              num_warps=GRADIENT_WARPS)
+                                              num_warps=self.warps)
             self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
                                             BLOCK=MERGE_BLOCK)
         return self.out
@@ -343,9 +343,9 @@ class UpdateNorms:
     in input order."""
 
     def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device,
-                 block: int = BLOCK, chunk: int = CHUNK):
+                 block: int = BLOCK, chunk: int = CHUNK, warps: int = 4):
         self.sizes = list(sizes)
-        self.block, self.chunk = block, chunk
+        self.block, self.chunk, self.warps = block, chunk, warps
         self.layout = _Layout(self.sizes, dtypes, device, chunk)
         self.kept, self.offsets, self.views = [], [], [None] * len(self.sizes)
         for dtype, members, *_ in self.layout.groups:
@@ -381,7 +381,8 @@ class UpdateNorms:
             for (dtype, _, sizes, owner, first, programs, base), table, kept, offsets in groups:
                 if programs:
                     self._chunks[(programs,)](table, sizes, offsets, owner, first, kept, partials, stride, base,
-                                              CARRY=carry, DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk)
+                                              CARRY=carry, DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk,
+                                              num_warps=self.warps)
             self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
                                             BLOCK=MERGE_BLOCK)
         return self.out
