@@ -129,7 +129,7 @@ class Readback:
 class _Step:
     """What one optimizer step has gathered so far."""
 
-    __slots__ = ("step", "backward_loss", "output_losses", "groups", "head", "closed_at")
+    __slots__ = ("step", "backward_loss", "output_losses", "groups", "head", "closed_at", "deferred")
 
     def __init__(self, step: int):
         self.step = step
@@ -138,6 +138,7 @@ class _Step:
         self.groups: list[tuple[tuple[str, ...], object, Callable | None]] = []
         self.head: list[tuple[tuple[str, ...], object]] | None = None  # set when the step ends
         self.closed_at = -1  # the number of the batch end that closed it
+        self.deferred = False  # some of its numbers may still be on their way to the host
 
 
 class StepRecorder(pl.Callback):
@@ -197,6 +198,7 @@ class StepRecorder(pl.Callback):
         self._metric_names: tuple[str, ...] = ()
         self._world_size: int | None = None  # the processes of this fit
         self._trainer = None
+        self._scaler = None
         self._written_step: int | None = None
         # What the run's record needs at the end.
         self.losses: list[tuple[int, float]] = []
@@ -212,7 +214,10 @@ class StepRecorder(pl.Callback):
         best the same tuple object every step."""
         if step is None:
             step = 0 if self._current is None else self._current
-        self._step(step).groups.append((names, values, on_read))
+        record = self._step(step)
+        record.groups.append((names, values, on_read))
+        if not isinstance(values, np.ndarray) and values.deferred:
+            record.deferred = True
 
     def add_layout(self, layout: dict) -> None:
         """TensorBoard's custom-scalars layout (`tags.custom_scalars_layout`); the latest one counts."""
@@ -268,23 +273,25 @@ class StepRecorder(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._world_size = None
         self._trainer = trainer
+        # 16-mixed hands `on_before_backward` the loss times the scaler's scale.
+        self._scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         self._open()
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         self._current = step = trainer.global_step
         record = self._step(step)
         loss = loss.detach()
-        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        scaler = self._scaler
         if scaler is not None and getattr(scaler, "_scale", None) is not None:
-            loss = loss / scaler._scale  # 16-mixed hands the hook the scaled loss (a device op: no wait)
+            loss = loss / scaler._scale  # unscaled on the device: no wait
         record.backward_loss = loss if record.backward_loss is None else record.backward_loss + loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batch_ends += 1
         if self._current is not None and getattr(pl_module, "automatic_optimization", False):
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            loss = outputs.get("loss") if isinstance(outputs, dict | Mapping) else outputs
             if isinstance(loss, torch.Tensor):
-                self._step(self._current).output_losses.append(loss.detach())
+                self._step(self._current).output_losses.append(loss.detach() if loss.requires_grad else loss)
         self._close_steps(trainer, pl_module)
         self._write_steps(later_than=self._batch_ends)
 
@@ -304,7 +311,7 @@ class StepRecorder(pl.Callback):
         for sink in self.sinks:
             sink.close()
         self._steps.clear()
-        self._trainer = None
+        self._trainer = self._scaler = None
 
     # -- checkpointed state -------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -341,8 +348,10 @@ class StepRecorder(pl.Callback):
         and step metrics, still on the device where they are."""
         for record in self._steps.values():
             if record.head is None and record.step < trainer.global_step:
-                record.head = self._head(trainer, pl_module, record)
+                record.head = head = self._head(trainer, pl_module, record)
                 record.closed_at = self._batch_ends
+                if not isinstance(head[0][1], np.ndarray) and head[0][1].deferred:
+                    record.deferred = True
 
     def _head(self, trainer, pl_module, record: _Step) -> list:
         """The loss, the learning rate and the module's step metrics: one readback."""
@@ -380,15 +389,10 @@ class StepRecorder(pl.Callback):
             record = self._steps[step]
             if record.head is None:
                 break  # not taken yet: the steps after it wait too (their order is kept)
-            if later_than is not None and record.closed_at >= later_than and self._in_flight(record):
+            if later_than is not None and record.closed_at >= later_than and record.deferred:
                 break
             del self._steps[step]
             self._write(record)
-
-    @staticmethod
-    def _in_flight(record: _Step) -> bool:
-        return any(isinstance(values, Readback | _WithLr) and values.deferred
-                   for _, values, *_ in (*record.head, *record.groups))
 
     def _write(self, record: _Step) -> None:
         step = record.step
