@@ -145,3 +145,33 @@ def test_deferred_reads_write_a_step_when_a_later_one_ends_with_the_same_numbers
     for (_, _, now), (_, _, later) in zip(written[False], written[defer], strict=True):
         assert now.keys() == later.keys()
         assert np.array_equal(np.array(list(now.values())), np.array(list(later.values())))
+
+
+def test_wandb_logger_offline_gets_torch_numbers(tmp_path, monkeypatch):
+    """W&B offline: its run in this process (the client's own summary: the last value of each key)
+    holds the last step's numbers, equal to torch's; its run file is written on the disk."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.manual_seed(1)
+    module = Net()
+    grads = {}
+
+    class Last(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.double().clone() for n, p in module.named_parameters()})
+
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="gradwatch")
+    trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[GradientTelemetry(), Last()], **QUIET)
+    try:
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data(), batch_size=None))
+        summary = dict(logger.experiment.summary)
+    finally:
+        logger.experiment.finish()
+    assert summary["trainer/global_step"] == 2
+    for name, g in grads.items():
+        assert summary[f"grad/{name}/norm"] == pytest.approx(g.norm().item(), rel=1e-6), name
+        assert summary[f"grad/{name}/mean"] == pytest.approx(g.mean().item(), rel=1e-6, abs=1e-7), name
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
