@@ -122,7 +122,8 @@ def test_without_any_logger_says_so_once(tmp_path, caplog):
 @pytest.mark.parametrize(("kwargs", "name"), [({"every_n_steps": 0}, "every_n_steps"),
                                               ({"on_nonfinite": "ignore"}, "on_nonfinite"),
                                               ({"histograms_every_n_steps": -1}, "histograms_every_n_steps"),
-                                              ({"activations": "yes"}, "activations")])
+                                              ({"activations": "yes"}, "activations"),
+                                              ({"update_ratio": 1}, "update_ratio")])
 def test_arguments_checked_by_name(kwargs, name):
     with pytest.raises(ConfigError, match=name):
         GradientTelemetry(**kwargs)

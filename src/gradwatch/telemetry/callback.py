@@ -21,9 +21,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 from torch import nn
 
-from gradwatch.config.checks import RULES
+from gradwatch.config.checks import check
 from gradwatch.config.cli import CONF_DIR
-from gradwatch.config.errors import ConfigError, check_bool
+from gradwatch.config.errors import ConfigError
 from gradwatch.storage.names import JoinedNames
 from gradwatch.telemetry import tags
 from gradwatch.telemetry.distributed import combine_unit_counts, world
@@ -177,7 +177,7 @@ class GradientTelemetry(pl.Callback):
                  update_ratio: bool = DEFAULTS["update_ratio"]):
         for key, value in (("every_n_steps", every_n_steps), ("activations", activations),
                            ("histograms_every_n_steps", histograms_every_n_steps), ("update_ratio", update_ratio)):
-            RULES.get(f"telemetry.{key}", check_bool)(key, value)
+            check(f"telemetry.{key}", value, name=key)
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError("on_nonfinite", on_nonfinite, "one of " + ", ".join(ON_NONFINITE))
         if recorder is not None and not callable(getattr(recorder, "add", None)):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gradwatch.config.checks import RULES
+from gradwatch.config.checks import check
 from gradwatch.config.cli import CONF_DIR, PRIMARY
 from gradwatch.storage.events import EventFile, histogram_summary, hparams_summaries, layout_summary, text_summary
 from gradwatch.storage.names import JoinedNames
@@ -178,8 +178,8 @@ class StepRecorder(pl.Callback):
                  flush_every_s: float = LOG_DEFAULTS["flush_every_s"], purge_from_step: int | None = None, *,
                  loggers: Sequence = (),
                  on_nonfinite_loss: str | None = None, defer: bool | None = None):
-        RULES["log.flush_every_n_steps"]("log.flush_every_n_steps", flush_every_n_steps)
-        RULES["log.flush_every_s"]("log.flush_every_s", flush_every_s)
+        check("log.flush_every_n_steps", flush_every_n_steps)
+        check("log.flush_every_s", flush_every_s)
         self.tb_dir = None if tb_dir is None else Path(tb_dir)
         self.metrics_dir = None if metrics_dir is None else Path(metrics_dir)
         self.purge_from_step = purge_from_step
