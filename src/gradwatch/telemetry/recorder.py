@@ -110,7 +110,8 @@ class Readback:
     def result(self) -> np.ndarray:
         if self._result is None:
             if self._event is not None:
-                self._event.synchronize()
+                if not self._event.query():  # read a step later, the copy is usually done: no wait at all
+                    self._event.synchronize()
                 self._event = None
             parts, start = [], 0
             for values, finish in self._parts:
