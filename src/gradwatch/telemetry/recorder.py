@@ -200,6 +200,7 @@ class StepRecorder(pl.Callback):
         self._world_size: int | None = None  # the processes of this fit
         self._trainer = None
         self._scaler = None
+        self._loss_said = False  # a non-finite loss was said this fit
         self._written_step: int | None = None
         # What the run's record needs at the end.
         self.losses: list[tuple[int, float]] = []
@@ -273,6 +274,7 @@ class StepRecorder(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._world_size = None
+        self._loss_said = False
         self._trainer = trainer
         # 16-mixed hands `on_before_backward` the loss times the scaler's scale.
         self._scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
@@ -434,7 +436,11 @@ class StepRecorder(pl.Callback):
         reason = f"non-finite loss ({value}) at step {step}"
         if self._trainer is None:
             return
+        first = not self._loss_said
+        self._loss_said = True
         self.diverge(step, reason, self._trainer, stop=policy != "warn")
+        if not first:  # one line a fit: a run whose loss stays NaN does not repeat it every step
+            return
         if policy == "warn":
             log.warning("GradientTelemetry: %s; logged, training goes on (on_nonfinite=warn)", reason)
         elif policy == "stop":
