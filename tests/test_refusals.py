@@ -58,13 +58,15 @@ KEYS = "checkpoint, ckpt_path, diagnosis, log, seed, summary, threads"
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["optimizr.lr=0.1"], f"optimizr.lr=0.1 is not valid: allowed is a key of the config: the groups {GROUPS} "
+    (["optimizr.lr=0.1"], f"optimizr.lr=0.1 is not valid: allowed is a key of the config (did you mean "
+                          f"optimizer.lr?): the groups {GROUPS} "
                           f"or the keys {KEYS} (+optimizr.lr=... adds a new key)"),
-    (["optimizer.lrr=0.1"], "optimizer.lrr=0.1 is not valid: allowed is a key of optimizer: _partial_, _target_, "
-                            "lr, momentum, weight_decay"),
+    (["optimizer.lrr=0.1"], "optimizer.lrr=0.1 is not valid: allowed is a key of optimizer (did you mean "
+                            "optimizer.lr?): _partial_, _target_, lr, momentum, weight_decay"),
     (["optimizer=adam", "optimizer.momentum=0.9"], "optimizer.momentum=0.9 is not valid: allowed is a key of "
                                                    "optimizer: _partial_, _target_, lr, weight_decay"),  # adam's
-    (["-m", "optimizr.lr=0.1,0.2"], f"optimizr.lr=0.1,0.2 is not valid: allowed is a key of the config: the groups "
+    (["-m", "optimizr.lr=0.1,0.2"], f"optimizr.lr=0.1,0.2 is not valid: allowed is a key of the config (did you "
+                                    f"mean optimizer.lr?): the groups "
                                     f"{GROUPS} or the keys {KEYS} (+optimizr.lr=... adds a new key)"),
     (["optimizer.lr=-1"], "optimizer.lr=-1 is not valid: allowed is a number > 0"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 is not valid: allowed is an integer >= 1, or -1 "

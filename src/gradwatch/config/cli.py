@@ -2,6 +2,7 @@
 exit 2, and no run folder made. Also the one place the repository's configs are located and composed.
 """
 
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def unknown_key(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
     """The error for the first `key=value` whose key the composed config does not have, else None.
 
     >>> unknown_key(["optimizr.lr=0.1"])  # doctest: +ELLIPSIS
-    'optimizr.lr=0.1 is not valid: allowed is a key of the config: the groups dataset, ... or the keys ...'
+    'optimizr.lr=0.1 is not valid: allowed is a key of the config (did you mean optimizer.lr?): the groups ...'
     """
     from hydra.core.override_parser.types import OverrideType
 
@@ -104,13 +105,17 @@ def unknown_key(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
                 break  # a list or a null: its items are Hydra's to check
             if part not in node:
                 value = override.input_line.split("=", 1)[1]
+                # A typo's nearest key, with the rest of what was typed: optimizr.lr -> optimizer.lr.
+                close = difflib.get_close_matches(part, [str(k) for k in node if k != "hydra"], n=1)
+                rest = key.split(".")[len(path) + 1:]
+                hint = f" (did you mean {'.'.join([*path, close[0], *rest])}?)" if close else ""
                 if path:
-                    allowed = f"a key of {'.'.join(path)}: {', '.join(sorted(map(str, node)))}"
+                    allowed = f"a key of {'.'.join(path)}{hint}: {', '.join(sorted(map(str, node)))}"
                 else:
                     names = [g.name for g in sorted(conf_dir.iterdir()) if g.is_dir() and g.name != "hydra"]
                     keys = sorted(k for k in node if k not in names and k != "hydra")
-                    allowed = (f"a key of the config: the groups {', '.join(names)} or the keys {', '.join(keys)} "
-                               f"(+{key}=... adds a new key)")
+                    allowed = (f"a key of the config{hint}: the groups {', '.join(names)} or the keys "
+                               f"{', '.join(keys)} (+{key}=... adds a new key)")
                 return str(ConfigError(key, value, allowed))
             node, path = node[part], [*path, part]
     return None
