@@ -217,6 +217,40 @@ def test_manual_optimization_logs_each_optimizer_step_with_its_own_parameters(tm
         assert not any(step in steps for tag, steps in scalars.items() if tag.startswith(f"grad/{other}."))
 
 
+class BackwardBothThenStep(Gan):
+    """Both losses backward first, then both optimizers step: the second step's numbers are its own."""
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_c = self.optimizers()
+        noise, real = batch
+        opt_g.zero_grad()
+        opt_c.zero_grad()
+        loss_g = self.generator(noise).pow(2).mean()  # the generator's parameters only
+        loss_c = self.critic(real).pow(2).mean()  # the critic's only
+        self.manual_backward(loss_g)
+        self.manual_backward(loss_c)
+        opt_g.step()
+        opt_c.step()
+
+
+def test_manual_optimization_two_steps_after_two_backwards_are_each_at_their_own_step(tmp_path):
+    torch.manual_seed(3)
+    module = BackwardBothThenStep()
+    capture = Capture(module)
+    logger = TensorBoardLogger(str(tmp_path), name="two")
+    trainer = pl.Trainer(max_steps=4, logger=logger, enable_checkpointing=False,
+                         callbacks=[GradientTelemetry(), capture], **QUIET)
+    data = [(torch.randn(8, 2), torch.randn(8, 3)) for _ in range(2)]
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    scalars = once(read_events(logger.log_dir))
+    for step in range(4):
+        own = "generator" if step % 2 == 0 else "critic"
+        assert sorted(capture.grads[step]) and all(name.startswith(own) for name in capture.grads[step])
+        assert_grad_tags(scalars, step, capture.grads[step])
+        for name in capture.grads[step]:
+            assert scalars[f"update/{name}/ratio"][step] == pytest.approx(capture.ratio(step, name), rel=1e-5)
+
+
 # -- activations: in place after the tap, and what is not counted -----------------------------
 class InPlace(pl.LightningModule):
     """A frozen first layer (so autograd keeps nothing of its ReLU's output) whose ReLU output is

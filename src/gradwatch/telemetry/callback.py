@@ -334,9 +334,7 @@ class GradientTelemetry(pl.Callback):
                        in zip(self._layers, self._calls, self._versions, strict=True)]
 
     def _remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._remove_taps()
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks = []
@@ -429,7 +427,7 @@ class GradientTelemetry(pl.Callback):
         trainer = self._trainer
         if not readback.deferred:  # read now (the CPU): the recorder gets numbers, checked here
             values = readback.result()
-            self.recorder.add(names, values)
+            self.recorder.add(names, values, step=step)
             if checked is not None and self.on_nonfinite == "warn":
                 self._check_finite(trainer, checked, values)
             return
@@ -525,8 +523,9 @@ class GradientTelemetry(pl.Callback):
         # vouch for their gradients' dtype, device and size: autograd keeps them those of the weight.
         self._pending.append(entry.grad_stats.pending(self._grads, checked=isinstance(self._kept, np.ndarray)))
         self._pending_tags.append(entry.grad_tags)
-        self._check = (step, entry.names if len(named) == len(entry.names) else tuple(n for n, _ in named),
-                       len(self._pending_tags) - 1)
+        # The gradient rows are the step's first group (nothing is pending before them): the
+        # non-finite check reads them from the start of the step's values.
+        self._check = (step, entry.names if len(named) == len(entry.names) else tuple(n for n, _ in named))
 
     def _changed_in_place(self) -> list[int]:
         """The layers one of whose outputs was modified in place after the tap read it (its
@@ -605,10 +604,10 @@ class GradientTelemetry(pl.Callback):
         return self._names.join(self._pending_tags)
 
     def _check_finite(self, trainer, checked: tuple | None, values: np.ndarray) -> None:
-        """`checked`: (step, parameter names, the position of the gradient rows among the groups)."""
+        """`checked`: (step, parameter names) of the gradient rows at the start of `values`."""
         if checked is None:
             return
-        step, names, _ = checked
+        step, names = checked
         grad_values = values[: len(names) * len(tags.GRAD_STATS) + 1]
         # A finite global norm (last) means every gradient is finite: one number, not a column.
         # (An infinite one may still come from finite float64 gradients above ~1e154: count.)

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 LOG_DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{PRIMARY}.yaml").log)
 _HEAD = (tags.LOSS, tags.LR)
 _LR = (tags.LR,)
+# Batch ends a step's deferred numbers may wait for their copy before one waits for it: a host
+# running ahead of the device (no sync in the loop) then reads them without stalling each step.
+_MAX_LAG = 4
 
 
 class Sink(Protocol):
@@ -99,13 +102,17 @@ class Readback:
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(flat.device))  # the copy's stream, not the current device's
             self._host = host.numpy()
         else:  # deferred on the CPU (tests): a copy, as the pinned buffer is one
             self._host = flat.clone().numpy()
         # What is on the host already may be a buffer the next step overwrites (the CPU kernels').
         self._parts = [(values.copy() if isinstance(values, np.ndarray) else values, finish)
                        for values, finish in self._parts]
+
+    def ready(self) -> bool:
+        """Whether `result()` would not wait (the copy has reached the host)."""
+        return self._event is None or self._event.query()
 
     def result(self) -> np.ndarray:
         if self._result is None:
@@ -140,6 +147,11 @@ class _Step:
         self.head: list[tuple[tuple[str, ...], object]] | None = None  # set when the step ends
         self.closed_at = -1  # the number of the batch end that closed it
         self.deferred = False  # some of its numbers may still be on their way to the host
+
+    def ready(self) -> bool:
+        """Whether every number of the step has reached the host (reading them would not wait)."""
+        parts = [values for _, values in self.head or ()] + [values for _, values, _ in self.groups]
+        return all(isinstance(values, np.ndarray) or values.ready() for values in parts)
 
 
 class StepRecorder(pl.Callback):
@@ -392,8 +404,10 @@ class StepRecorder(pl.Callback):
             record = self._steps[step]
             if record.head is None:
                 break  # not taken yet: the steps after it wait too (their order is kept)
-            if later_than is not None and record.closed_at >= later_than and record.deferred:
-                break
+            if later_than is not None and record.deferred and (
+                    record.closed_at >= later_than
+                    or record.closed_at > later_than - _MAX_LAG and not record.ready()):
+                break  # still on its way: a later batch end reads it (at most _MAX_LAG ends later)
             del self._steps[step]
             self._write(record)
 
@@ -470,6 +484,9 @@ class _WithLr:
     @property
     def deferred(self) -> bool:
         return self.readback.deferred
+
+    def ready(self) -> bool:
+        return self.readback.ready()
 
     def result(self) -> np.ndarray:
         values = self.readback.result()[self.start:self.stop]
