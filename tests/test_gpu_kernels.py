@@ -418,3 +418,36 @@ def test_the_callback_logs_through_the_device_kernels_what_the_cpu_kernels_log(t
     for tag in compared:
         assert sorted(got[tag]) == [0, 1, 2], tag
         assert got[tag] == pytest.approx(expected[tag], rel=1e-6, abs=1e-30), tag
+
+
+def test_kernels_that_fail_to_launch_after_others_ran_fall_back_and_numbers_made_stay_readable(monkeypatch,
+                                                                                               caplog):
+    # The update ratio's kernels built and ran; the gradient statistics' kernel then fails (a
+    # compiler or driver error): one warning, torch operations from then on, and the update
+    # ratio the kernels measured is still finished on the host.
+    monkeypatch.setattr(stats, "HOST_KERNELS", False)
+    monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
+    monkeypatch.setattr(stats, "_gpu", None)
+    torch.manual_seed(8)
+    weights = on(torch.randn(30, 4), torch.randn(4))
+    ratio = stats.UpdateRatio([w.numel() for w in weights])
+    kept = ratio.before(weights)
+    assert isinstance(kept, gpu.UpdateNorms)
+    after = [w * 1.25 for w in weights]
+    values, finish = ratio.pending(kept, after)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(gpu.GradientSums, "__call__", broken)
+    grads = on(torch.randn(30, 4), torch.randn(4))
+    gradient_stats = stats.GradientStats([g.numel() for g in grads])
+    with caplog.at_level("WARNING"):
+        table = gradient_stats(grads)
+    assert [r.getMessage() for r in caplog.records if "Triton kernels unavailable" in r.getMessage()] == [
+        "gradient statistics: Triton kernels unavailable (RuntimeError: no compiler for this GPU); "
+        "using torch operations"]
+    for i, grad in enumerate(grads):
+        assert table[i].tolist() == pytest.approx(reference(grad), rel=1e-6)
+    expected = [reference_ratio(b, a) for b, a in zip(weights, after, strict=True)]
+    assert finish(np.asarray(values.cpu())).tolist() == pytest.approx(expected, rel=1e-12)

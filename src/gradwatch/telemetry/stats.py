@@ -112,6 +112,14 @@ def _device_plan(cached: tuple | None, tensors: Sequence[torch.Tensor], sizes: l
     return (key, make(gpu, [d for d, _ in key], device)), True, False
 
 
+def _gpu_module():
+    """`gradwatch.telemetry.gpu` itself, for finishing numbers its kernels made: they stay valid
+    after the kernels were turned off for the process (`_first_launch`), so `_gpu` may be False."""
+    from gradwatch.telemetry import gpu
+
+    return gpu
+
+
 def _first_launch(run: Callable, *args):
     """`run(*args)`, or None after a warning if triton cannot build or run its kernels here (a
     GPU without the compiler triton needs): the device kernels are then off for the process."""
@@ -454,7 +462,7 @@ class GradientStats:
 
     def _finish_device(self, raw: np.ndarray) -> np.ndarray:
         """`gpu.GradientSums`' sums on the host -> the rows of `__call__` flattened, then the global norm."""
-        return _gpu.finish_gradient_rows(raw, self._sizes)
+        return _gpu_module().finish_gradient_rows(raw, self._sizes)
 
     @torch.no_grad()
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -638,7 +646,7 @@ class UpdateRatio:
 
     @staticmethod
     def _finish_device(squares: np.ndarray) -> np.ndarray:
-        return _gpu.finish_update_ratio(squares)
+        return _gpu_module().finish_update_ratio(squares)
 
     @torch.no_grad()
     def norms(self, kept: torch.Tensor, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:
