@@ -13,10 +13,13 @@ from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRati
 STATS = tags.GRAD_STATS
 
 
-@pytest.fixture(params=["kernels", "torch"])
+@pytest.fixture(params=["kernels", "torch", "in_place"])
 def path(request, monkeypatch):
-    """Both implementations: the CPU kernels (float32 CPU tensors) and torch operations."""
+    """Every implementation: the CPU kernels (float32 CPU tensors), torch operations, and torch
+    operations counting activations in place as on a GPU (no sign buffers)."""
     monkeypatch.setattr(stats, "HOST_KERNELS", request.param == "kernels")
+    if request.param == "in_place":
+        monkeypatch.setattr(stats, "SIGN_BUFFER_DEVICES", frozenset())
     return request.param
 
 
@@ -169,7 +172,7 @@ class StepsRecorder:
     def __init__(self):
         self.steps = []
 
-    def add(self, names, values):
+    def add(self, names, values, step=None, on_read=None):
         self.steps.append(dict(zip(names, values.tolist(), strict=True)))
 
     def add_layout(self, layout):
@@ -239,7 +242,7 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, pat
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader([x], batch_size=None))
     # One per logged step; none where the CPU kernels left everything on the host already.
-    assert transfers == {"cpu": 2 if path == "torch" else 0, "item": 0, "bool": 0}
+    assert transfers == {"cpu": 0 if path == "kernels" else 2, "item": 0, "bool": 0}
     step = recorder.steps[0]
     early = (net.a(x) > 0).any(dim=0)
     assert step["act/net.early/dead_fraction"] == (~early).sum().item() / 4 == 0.5

@@ -45,6 +45,9 @@ SMALL = 4096
 # to (normal numbers, so the scale itself is exact).
 _EXPONENT = {torch.float32: (torch.int32, 0x7F800000, 2.0**-126, 2.0**127),
              torch.float64: (torch.int64, 0x7FF0000000000000, 2.0**-1022, 2.0**1023)}
+# Devices whose activation counts go through sign buffers kept across steps (cheapest there);
+# on the others each ReLU output is counted in place (no activation-sized buffer).
+SIGN_BUFFER_DEVICES = frozenset({"cpu"})
 HOST_KERNELS = True  # use gradwatch.telemetry.kernels for float32 CPU tensors (when numba imports)
 _kernels = None  # the module once imported; False when numba is missing
 # Use gradwatch.telemetry.gpu (Triton's multi-tensor kernels) for CUDA tensors; and for the CPU
@@ -859,12 +862,19 @@ class ActivationStats:
         fired_parts = []
         for number, (idx, slot) in enumerate(zip(self.groups, slots, strict=True)):
             size = math.prod(self.shapes[idx[0]])
-            signs = self._signs([tensors[i] for i in idx], number)
-            # ReLU outputs are >= 0: an output is non-zero iff its sign is 1 (NaN's sign is 0).
-            # Per unit, the float sum of 0/1 values over samples and positions is an exact integer
-            # count (see _count_dtype), 5-8x cheaper than a boolean count; a unit fired iff its
-            # count is > 0.
-            per_unit = signs.sum(dim=1 if signs.dim() == 3 else (1, 3), dtype=_count_dtype(size))  # (L, U)
+            if device.type in SIGN_BUFFER_DEVICES:
+                signs = self._signs([tensors[i] for i in idx], number)
+                # ReLU outputs are >= 0: an output is non-zero iff its sign is 1 (NaN's sign is 0).
+                # Per unit, the float sum of 0/1 values over samples and positions is an exact
+                # integer count (see _count_dtype), 5-8x cheaper than a boolean count on a CPU; a
+                # unit fired iff its count is > 0.
+                per_unit = signs.sum(dim=1 if signs.dim() == 3 else (1, 3), dtype=_count_dtype(size))  # (L, U)
+            else:
+                # Elsewhere (a GPU) each output is counted where it lies (> 0: NaN is not a firing,
+                # as its sign is 0), through a boolean the size of one layer's output that is freed
+                # at once, instead of a buffer kept across steps the size of every layer's output.
+                per_unit = torch.stack([(unit_view(tensors[i]) > 0).sum(dim=(0, 2), dtype=_count_dtype(size))
+                                        for i in idx])  # (L, U)
             if combine is not None:
                 per_unit, self._copies = combine(per_unit)
             fired = per_unit > 0
