@@ -27,7 +27,7 @@ from gradwatch.config.errors import ConfigError
 from gradwatch.storage.names import JoinedNames
 from gradwatch.telemetry import tags
 from gradwatch.telemetry.distributed import combine_unit_counts, world
-from gradwatch.telemetry.recorder import Readback, StepRecorder
+from gradwatch.telemetry.recorder import Readback, StepRecorder, on_host
 from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
 
 log = logging.getLogger(__name__)
@@ -61,20 +61,28 @@ def network_of(pl_module: pl.LightningModule) -> nn.Module:
 
 
 class _OutputTap:
-    """Appends each output of `module` to `calls`, and its version counter (`Tensor._version`,
-    which any in-place op on it moves) to `versions`, while `owner._recording` is true, by wrapping
-    its `forward` on the instance, until `remove()`. A forward hook would do the same, but any
-    hook sends every call of the module through `Module._call_impl`'s slow path: measured 2-3 us
-    more per call, 0.1-0.3 ms a step on a 50-layer net, the largest part of the activations' cost
-    there; the wrapper is one Python frame (the test inline, not a call: ~0.3 us a call less in a
-    training step). The wrapper is a bound method, so a deep copy of the module (an EMA copy, say)
-    calls its own forward."""
+    """Appends each output of `module` to `calls`, and adds its version counter (`Tensor._version`,
+    which any in-place op on it moves) to `versions[index]`, while `owner._recording` is true, by
+    wrapping its `forward` on the instance, until `remove()`. A forward hook would do the same,
+    but any hook sends every call of the module through `Module._call_impl`'s slow path: measured
+    2-3 us more per call, 0.1-0.3 ms a step on a 50-layer net, the largest part of the
+    activations' cost there; the wrapper is one Python frame (the test inline, not a call: ~0.3 us
+    a call less in a training step). The wrapper is a bound method, so a deep copy of the module
+    (an EMA copy, say) calls its own forward.
 
-    def __init__(self, module: nn.Module, calls: list, owner: "GradientTelemetry", versions: list | None = None):
+    `versions[index]` is the sum of the versions the layer's outputs had when recorded: versions
+    only grow, so the outputs' versions sum to it later only if none was changed in place since.
+    An out-of-place ReLU's output is a tensor just made, whose version is 0: nothing to add, and
+    nothing read (one attribute read and one list append less per call than a version list)."""
+
+    def __init__(self, module: nn.Module, calls: list, owner: "GradientTelemetry", versions: list[int] | None = None,
+                 index: int = 0):
         self.module = module
         self.previous = module.__dict__.get("forward")  # a forward already set on the instance
         inner = self.previous
-        append, version = calls.append, ([] if versions is None else versions).append
+        append = calls.append
+        if versions is None:
+            versions, index = [0], 0
 
         if inner is None and type(module).forward is nn.ReLU.forward:
             # nn.ReLU's own forward inline: one frame and no argument packing less a call, on
@@ -82,24 +90,29 @@ class _OutputTap:
             relu = nn.functional.relu
 
             def forward(self_, input):
-                output = relu(input, inplace=self_.inplace)
+                if not self_.inplace:
+                    output = relu(input)
+                    if owner._recording:
+                        append(output)  # a new tensor: version 0, nothing to add
+                    return output
+                output = relu(input, inplace=True)
                 if owner._recording:
                     append(output)
-                    version(output._version)
+                    versions[index] += output._version
                 return output
         elif inner is None:
             def forward(self_, *args, **kwargs):
                 output = type(self_).forward(self_, *args, **kwargs)
                 if owner._recording:
                     append(output)
-                    version(output._version)
+                    versions[index] += output._version
                 return output
         else:
             def forward(self_, *args, **kwargs):
                 output = inner(*args, **kwargs)
                 if owner._recording:
                     append(output)
-                    version(output._version)
+                    versions[index] += output._version
                 return output
 
         self.forward = module.forward = types.MethodType(forward, module)
@@ -211,7 +224,8 @@ class GradientTelemetry(pl.Callback):
         self._step_hooks: list = []
         self._layers: list[tuple[str, nn.Module]] = []
         self._calls: list[list[torch.Tensor]] = []
-        self._versions: list[list[int]] = []
+        self._versions: list[int] = []  # per layer: the versions its recorded outputs had, summed (`_OutputTap`)
+        self._no_versions: tuple[int, ...] = ()
         self._calls_step: int | None = None  # the optimizer step the calls gathered belong to
         self._every_layer: tuple[int, ...] = ()
         self._step: int | None = None  # a logged step whose update is not measured yet
@@ -223,6 +237,7 @@ class GradientTelemetry(pl.Callback):
         self._kept: torch.Tensor | np.ndarray | None = None
         self._world_size: int | None = None  # the processes of this fit (as the recorder's)
         self._single_optimizer = True
+        self._carry = self.every_n_steps == 1  # the weights after a step kept as the next one's before it
         self._network_params: list[tuple[str, torch.Tensor]] | None = None  # per fit, in named_parameters order
         self._network_tensors: list[torch.Tensor] = []
         self._candidates: dict = {}  # per optimizer (several): its parameters, in the network's order
@@ -303,10 +318,12 @@ class GradientTelemetry(pl.Callback):
         self._network_tensors = [p for _, p in self._network_params]
         optimizers = [getattr(opt, "_optimizer", opt) for opt in trainer.optimizers]
         self._single_optimizer = len(optimizers) <= 1
+        self._carry = self.every_n_steps == 1 and self._single_optimizer
         self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in optimizers]
         self._layers = relu_layers(network) if self.activations else []
         self._calls = [[] for _ in self._layers]
-        self._versions = [[] for _ in self._layers]
+        self._versions = [0] * len(self._layers)
+        self._no_versions = (0,) * len(self._layers)
         self._every_layer = tuple(range(len(self._layers)))
         if self.activations and trainer.is_global_zero:
             self._say_what_is_not_watched(network)
@@ -330,8 +347,8 @@ class GradientTelemetry(pl.Callback):
                     f"; not watched: {listed}" if listed else "")
 
     def _add_hooks(self) -> None:
-        self._hooks = [_OutputTap(module, calls, self, versions) for (_, module), calls, versions
-                       in zip(self._layers, self._calls, self._versions, strict=True)]
+        self._hooks = [_OutputTap(module, calls, self, self._versions, i)
+                       for i, ((_, module), calls) in enumerate(zip(self._layers, self._calls, strict=True))]
 
     def _remove_hooks(self) -> None:
         self._remove_taps()
@@ -346,7 +363,7 @@ class GradientTelemetry(pl.Callback):
 
     def _clear_calls(self) -> None:
         list(map(list.clear, self._calls))
-        list(map(list.clear, self._versions))
+        self._versions[:] = self._no_versions  # in place: the taps hold this list
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._disabled:
@@ -367,10 +384,12 @@ class GradientTelemetry(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._disabled:
             return
-        self._after_optimizer_step()  # an earlier step whose optimizer did not step (AMP skipped it)
+        if self._step is not None:  # an earlier step whose optimizer did not step (AMP skipped it)
+            self._after_optimizer_step()
         step = trainer.global_step
         # The forward passes after this step (manual optimization) belong to the next one.
-        logged, self._recording = self._logs(step), bool(self._layers) and self._logs(step + 1)
+        every = self.every_n_steps
+        logged, self._recording = step % every == 0, bool(self._layers) and (step + 1) % every == 0
         if self._recording and not self._hooks:
             self._add_hooks()
         if not logged:
@@ -390,7 +409,9 @@ class GradientTelemetry(pl.Callback):
         self._step = step
         if named and self.on_nonfinite == "stop":
             # The update must not happen with a non-finite gradient: decide now, on the host.
-            names, values = self._step_names(), Readback(self._pending, defer=False).result()
+            names, values = self._step_names(), on_host(self._pending)
+            if values is None:
+                values = Readback(self._pending, defer=False).result()
             self._pending, self._pending_tags = [], []
             checked, self._check = self._check, None
             self.recorder.add(names, values, step=step)
@@ -405,7 +426,7 @@ class GradientTelemetry(pl.Callback):
         entry = self._set
         if self._kept is not None:
             # Every step logs (one optimizer): the weights now are the next step's weights before it.
-            carry = self.every_n_steps == 1 and self._single_optimizer
+            carry = self._carry
             self._pending.append(entry.update.pending(self._kept, entry.params, carry=carry))
             entry.carry_step = step + 1 if carry else None
             self._pending_tags.append(entry.update_tags)
@@ -418,15 +439,20 @@ class GradientTelemetry(pl.Callback):
         self._hand_over(step)
 
     def _hand_over(self, step: int) -> None:
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return
         names = self._step_names()
-        readback = Readback(self._pending, getattr(self.recorder, "defer", None))
         self._pending, self._pending_tags = [], []
         checked, self._check = self._check, None
         trainer = self._trainer
-        if not readback.deferred:  # read now (the CPU): the recorder gets numbers, checked here
-            values = readback.result()
+        # The CPU kernels leave every number on the host: joined at once, no Readback made.
+        values = on_host(pending)
+        if values is None:
+            readback = Readback(pending, getattr(self.recorder, "defer", None))
+            if not readback.deferred:
+                values = readback.result()
+        if values is not None:  # read now (the CPU): the recorder gets numbers, checked here
             self.recorder.add(names, values, step=step)
             if checked is not None and self.on_nonfinite == "warn":
                 self._check_finite(trainer, checked, values)
@@ -440,7 +466,8 @@ class GradientTelemetry(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._disabled:
             return
-        self._after_optimizer_step()
+        if self._step is not None:  # usually handed over already, by the optimizer's step hook
+            self._after_optimizer_step()
         self._recording = False  # a validation loop next is not a training step's
         if self._last_batch and self._fired_epoch is not None and not self._logs(trainer.global_step - 1):
             self._add_epoch_dead_fraction()  # the epoch ends on a step that is not logged
@@ -530,15 +557,17 @@ class GradientTelemetry(pl.Callback):
     def _changed_in_place(self) -> list[int]:
         """The layers one of whose outputs was modified in place after the tap read it (its
         version counter moved): their numbers would describe what the later op made of them."""
-        return [i for i, (made, versions) in enumerate(zip(self._calls, self._versions, strict=True))
-                if list(map(_VERSION, made)) != versions]
+        # Versions only grow: a layer's outputs' versions sum to what they summed to when recorded
+        # (`_OutputTap`) only if none of them moved.
+        return [i for i, (made, recorded) in enumerate(zip(self._calls, self._versions, strict=True))
+                if sum(map(_VERSION, made)) != recorded]
 
     def _add_activation_stats(self) -> None:
         calls = self._calls
         if list(map(len, calls)).count(1) == len(calls):  # every layer called once (C loops: ~49 layers)
             outputs = list(map(_FIRST, calls))
-            changed = [] if list(map(_VERSION, outputs)) == list(map(_FIRST, self._versions)) \
-                else self._changed_in_place()
+            # One sum over every layer for the usual case, nothing changed (versions only grow).
+            changed = [] if sum(map(_VERSION, outputs)) == sum(self._versions) else self._changed_in_place()
             present = self._every_layer
             if changed:
                 present = tuple(i for i in present if i not in changed)

@@ -126,18 +126,34 @@ class Readback:
                     end = start + values.numel()
                     values, start = self._host[start:end], end
                 parts.append(values if finish is None else finish(values))
-            # A new array: never a view of a buffer the next step overwrites.
-            self._result = (np.concatenate(parts).astype(np.float64, copy=False) if len(parts) != 1
-                            else np.array(parts[0], dtype=np.float64))
+            self._result = _joined(parts)
             self._parts = self._host = None
             self.deferred = False
         return self._result
 
 
+def _joined(parts: list) -> np.ndarray:
+    """The finished parts as one new float64 vector: never a view of a buffer the next step overwrites."""
+    return np.concatenate(parts).astype(np.float64, copy=False) if len(parts) != 1 \
+        else np.array(parts[0], dtype=np.float64)
+
+
+def on_host(parts: Sequence[tuple[object, Callable | None]]) -> np.ndarray | None:
+    """`Readback(parts).result()` when every part is a numpy array (the CPU kernels' numbers):
+    the same new vector, without the Readback (a copy of each part less); None when a part is
+    a tensor."""
+    finished = []
+    for values, finish in parts:
+        if not isinstance(values, np.ndarray):
+            return None
+        finished.append(values if finish is None else finish(values))
+    return _joined(finished)
+
+
 class _Step:
     """What one optimizer step has gathered so far."""
 
-    __slots__ = ("step", "backward_loss", "output_losses", "groups", "head", "closed_at", "deferred")
+    __slots__ = ("step", "backward_loss", "output_losses", "groups", "head", "closed_at", "deferred", "plain")
 
     def __init__(self, step: int):
         self.step = step
@@ -147,6 +163,9 @@ class _Step:
         self.head: list[tuple[tuple[str, ...], object]] | None = None  # set when the step ends
         self.closed_at = -1  # the number of the batch end that closed it
         self.deferred = False  # some of its numbers may still be on their way to the host
+        # Every value a numpy array and no `on_read` (the CPU): `_write` reads nothing. Kept
+        # by `add` and `_close_steps`, which are the only ones to put values in.
+        self.plain = True
 
     def ready(self) -> bool:
         """Whether every number of the step has reached the host (reading them would not wait)."""
@@ -228,10 +247,12 @@ class StepRecorder(pl.Callback):
         best the same tuple object every step."""
         if step is None:
             step = 0 if self._current is None else self._current
-        record = self._step(step)
+        record = self._steps.get(step) or self._step(step)
         record.groups.append((names, values, on_read))
-        if not isinstance(values, np.ndarray) and values.deferred:
-            record.deferred = True
+        if on_read is not None or not isinstance(values, np.ndarray):
+            record.plain = False
+            if not isinstance(values, np.ndarray) and values.deferred:
+                record.deferred = True
 
     def add_layout(self, layout: dict) -> None:
         """TensorBoard's custom-scalars layout (`tags.custom_scalars_layout`); the latest one counts."""
@@ -294,7 +315,7 @@ class StepRecorder(pl.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         self._current = step = trainer.global_step
-        record = self._step(step)
+        record = self._steps.get(step) or self._step(step)
         loss = loss.detach()
         scaler = self._scaler
         if scaler is not None and getattr(scaler, "_scale", None) is not None:
@@ -306,7 +327,8 @@ class StepRecorder(pl.Callback):
         if self._current is not None and getattr(pl_module, "automatic_optimization", False):
             loss = outputs.get("loss") if isinstance(outputs, dict | Mapping) else outputs
             if isinstance(loss, torch.Tensor):
-                self._step(self._current).output_losses.append(loss.detach() if loss.requires_grad else loss)
+                record = self._steps.get(self._current) or self._step(self._current)
+                record.output_losses.append(loss.detach() if loss.requires_grad else loss)
         self._close_steps(trainer, pl_module)
         self._write_steps(later_than=self._batch_ends)
 
@@ -361,17 +383,21 @@ class StepRecorder(pl.Callback):
     def _close_steps(self, trainer, pl_module) -> None:
         """Steps the optimizer has taken (global_step is past them) get their loss, learning rate
         and step metrics, still on the device where they are."""
+        taken = trainer.global_step
         for record in self._steps.values():
-            if record.head is None and record.step < trainer.global_step:
+            if record.head is None and record.step < taken:
                 record.head = head = self._head(trainer, pl_module, record)
                 record.closed_at = self._batch_ends
-                if not isinstance(head[0][1], np.ndarray) and head[0][1].deferred:
-                    record.deferred = True
+                if not isinstance(head[0][1], np.ndarray):  # the head's groups are all arrays or all not
+                    record.plain = False
+                    if head[0][1].deferred:
+                        record.deferred = True
 
     def _head(self, trainer, pl_module, record: _Step) -> list:
         """The loss, the learning rate and the module's step metrics: one readback."""
         metrics = getattr(pl_module, "step_metrics", None) or {}
-        lr = np.array([float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan])
+        optimizers = trainer.optimizers
+        lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
         if record.output_losses:
             # Lightning's are divided by the micro-batches of a step: their sum is the mean loss.
             losses = record.output_losses
@@ -379,12 +405,12 @@ class StepRecorder(pl.Callback):
         else:
             loss = record.backward_loss
         if loss is None:  # no backward this step (telemetry only)
-            return [(_LR, lr)]
+            return [(_LR, np.array([lr]))]
         if self._world_size is None:  # once a fit: the processes are set up before it starts
             self._world_size = world()[1]
         if not metrics and self._world_size == 1 and not self.defer and not loss.is_cuda:
             self._metric_names = ()  # the loss alone, on the host: no stack (~5 tensor operations less)
-            return [(_HEAD, np.array([float(loss), lr[0]]))]
+            return [(_HEAD, np.array([float(loss), lr]))]
         if tuple(metrics) != self._metric_names:
             self._metric_names = tuple(metrics)
         tensors = [loss.reshape(()).to(torch.float64)]
@@ -392,7 +418,7 @@ class StepRecorder(pl.Callback):
                     for value in metrics.values()]
         # The mean over processes (a distributed run): the loss of the global batch.
         values = Readback([(mean_over_processes(torch.stack(tensors)), None)], self.defer)
-        head = [(_HEAD, _WithLr(values, lr[0], 0, 1))]
+        head = [(_HEAD, _WithLr(values, lr, 0, 1))]
         if self._metric_names:
             head.append((self._metric_names, _WithLr(values, None, 1, None)))
         return head
@@ -415,15 +441,18 @@ class StepRecorder(pl.Callback):
         step = record.step
         if step == self._written_step:
             return
-        groups = []
-        for names, values in record.head:
-            groups.append((names, values.result() if not isinstance(values, np.ndarray) else values))
-        for names, values, on_read in record.groups:
-            if not isinstance(values, np.ndarray):
-                values = values.result()
-            if on_read is not None:
-                on_read(values)
-            groups.append((names, values))
+        if record.plain:  # every value on the host already (the CPU): nothing to read or call back
+            groups = record.head + [(names, values) for names, values, _ in record.groups]
+        else:
+            groups = []
+            for names, values in record.head:
+                groups.append((names, values.result() if not isinstance(values, np.ndarray) else values))
+            for names, values, on_read in record.groups:
+                if not isinstance(values, np.ndarray):
+                    values = values.result()
+                if on_read is not None:
+                    on_read(values)
+                groups.append((names, values))
         names = self._names.join([names for names, _ in groups])
         values = np.concatenate([v for _, v in groups])
 
