@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gradwatch.telemetry.stats import ratio_from_norms, rows_from_sums
+
 try:
     import triton
     import triton.language as tl
@@ -326,15 +328,9 @@ def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
     """`GradientSums`' (7, tensors) on the host and the tensors' sizes -> the rows (mean, std,
     zero_fraction, norm, abs_max, nonfinite) flattened, then the global norm (float64)."""
     mean, centred, squares, zeros, nans, infs, top = np.asarray(raw, dtype=np.float64).reshape(GRADIENT_FIELDS, -1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # Unbiased; 0 for one value; NaN, like the mean and zero fraction, for an empty tensor.
-        std = np.where(n > 1, np.sqrt(centred / np.maximum(n - 1, 1)), np.where(n == 1, 0.0, np.nan))
-        abs_max = np.where(nans > 0, np.nan, top)
-        # The root may round below the largest magnitude: keep norm >= abs_max exact.
-        norm = np.fmax(np.sqrt(squares), top)
-        norm = np.where(nans > 0, np.nan, norm)
-        table = np.stack([mean, std, zeros / n, norm, abs_max, nans + infs], 1)
-    return np.append(table.reshape(-1), np.sqrt(squares.sum()))
+    abs_max = np.where(nans > 0, np.nan, top)  # the kernels leave NaN out of the largest magnitude
+    table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, abs_max, np)
+    return np.append(table.reshape(-1), global_norm)
 
 
 class UpdateNorms:
@@ -392,5 +388,4 @@ def finish_update_ratio(squares: np.ndarray) -> np.ndarray:
     """`UpdateNorms`' (2, tensors) on the host -> ||after - before|| / ||before|| per tensor (0
     where nothing moved, inf where weights that were all 0 moved)."""
     before, change = np.asarray(squares, dtype=np.float64).reshape(_CHANGE_PARTS, -1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(change == 0, 0.0, np.sqrt(change) / np.sqrt(before))
+    return ratio_from_norms(np.sqrt(before), np.sqrt(change), np)

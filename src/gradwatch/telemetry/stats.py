@@ -373,21 +373,48 @@ class _Work:
             start, row = end, row + len(idx)
 
 
+def rows_from_sums(n, mean, centred, squares, zeros, nonfinite, abs_max, xp, scale=None, root=None, order=None):
+    """Per tensor, its size `n`, mean, sum of squares about the mean (`centred`), sum of squares,
+    zero and non-finite counts and largest magnitude (NaN when it holds one) -> the rows (mean,
+    std, zero_fraction, norm, abs_max, nonfinite), in `order` (None: as given), and the global
+    norm; float64, `xp` numpy (on the host) or torch (on the device).
+
+    `scale`: the two sums are of each tensor's values divided by it (a power of two that kept
+    their squares in range); its sums then cannot be added across tensors, so the global norm
+    adds the norms' squares (float64: no overflow), else the sums of squares themselves.
+    std is unbiased: sqrt(centred) * scale / `root` where the caller keeps root = sqrt(max(n - 1,
+    1)) (its centred sum is 0 for one value), else sqrt(centred / (n - 1)) as torch rounds it, 0
+    for one value and NaN for none."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if root is None:
+            std = xp.where(n > 1, xp.sqrt(centred / (n - 1).clip(1)), xp.where(n == 1, 0.0, math.nan))
+        else:
+            std = xp.sqrt(centred) * scale / root
+        # The root of the sum of squares holds abs_max**2 as one of its terms: it is >= abs_max but
+        # may round below it; keep the inequality exact (and NaN where abs_max is).
+        root_squares = xp.sqrt(squares) if scale is None else xp.sqrt(squares) * scale
+        norm = xp.maximum(root_squares, abs_max)
+        table = xp.stack([mean, std, zeros / n, norm, abs_max, nonfinite], 1)
+        global_norm = xp.sqrt(squares.sum() if scale is None else (norm * norm).sum())
+    return (table if order is None else table[order]), global_norm
+
+
+def ratio_from_norms(before, moved, xp, order=None):
+    """||after - before|| / ||before|| per tensor from the two norms, in `order` (None: as given):
+    0 where nothing moved, inf where weights that were all 0 moved; `xp` numpy or torch."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = xp.where(moved == 0, 0.0, moved / before)
+    return ratio if order is None else ratio[order]
+
+
 def _finish_gradient_rows(raw, n, root, order, xp):
-    """The rows (mean, std, zero_fraction, norm, abs_max, nonfinite) in input order and the global
-    norm, from `_Work.raw` as float64; `xp` is numpy (on the host) or torch (on the device)."""
+    """`rows_from_sums` of `_Work.raw` as float64 (its sums scaled; rows in grouped order)."""
     centred_squares, squares, nonfinite, nonzero, total, abs_max, scale, centred_total = raw
-    mean = total * scale / n
     # The corrected two-pass variance: minus (sum of x - mean)**2 / n, the first-order error of a
     # float32 mean (a mean 1e7 times the spread needs it for 1e-5).
     centred = (centred_squares - centred_total * centred_total / n).clip(0.0)
-    std = xp.sqrt(centred) * scale / root  # a one-element row: centred sum 0, root 1
-    # The float32 sum of squares holds abs_max**2 as one of its terms: its root is >= abs_max
-    # but for the last bit; keep the inequality exact.
-    norm = xp.maximum(xp.sqrt(squares) * scale, abs_max)
-    table = xp.stack([mean, std, (n - nonzero) / n, norm, abs_max, nonfinite], 1)
-    global_norm = xp.sqrt((norm * norm).sum())  # float64: no overflow
-    return (table if order is None else table[order]), global_norm
+    return rows_from_sums(n, total * scale / n, centred, squares, n - nonzero, nonfinite, abs_max, xp, scale=scale,
+                          root=root, order=order)
 
 
 class GradientStats:
@@ -681,9 +708,7 @@ class UpdateRatio:
 
     def finish(self, norms: np.ndarray) -> np.ndarray:
         before, moved = np.asarray(norms, dtype=np.float64).reshape(2, -1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(moved == 0, 0.0, moved / before)
-        return ratio if self._order is None else ratio[self._order]
+        return ratio_from_norms(before, moved, np, self._order)
 
     @torch.no_grad()
     def __call__(self, kept: torch.Tensor | np.ndarray, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -693,8 +718,8 @@ class UpdateRatio:
             squares, finish = self.pending(kept, params)
             return torch.from_numpy(finish(squares.cpu().numpy())).to(squares.device)
         before, moved = self.norms(kept, params)
-        ratio = torch.where(moved == 0, 0.0, moved / before)
-        return ratio if self._order is None else ratio[torch.from_numpy(self._order).to(ratio.device)]
+        return ratio_from_norms(before, moved, torch,
+                                None if self._order is None else torch.from_numpy(self._order).to(moved.device))
 
 
 def unit_view(calls: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
