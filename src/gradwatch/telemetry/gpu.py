@@ -68,6 +68,16 @@ if triton is not None:
     DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.float64: tl.float64}
 
+    @triton.jit
+    def _chunk(sizes, owner, first, CHUNK: tl.constexpr):
+        """A chunk kernel's program, its tensor and the range [start, stop) of that tensor's
+        values it reads. (A helper that both kernels inline: jitted at import, as triton resolves
+        a kernel's calls to the jitted functions it finds by name.)"""
+        program = tl.program_id(0)
+        tensor = tl.load(owner + program)
+        start = (program - tl.load(first + tensor)) * CHUNK
+        return program, tensor, start, tl.minimum(start + CHUNK, tl.load(sizes + tensor))
+
     def _gradient_chunks(addresses, sizes, owner, first, partials, stride, base,
                          DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         """One chunk of one tensor: its count, sum, sum of squares about its mean, sum of
@@ -76,11 +86,7 @@ if triton is not None:
         Each of the BLOCK lanes keeps its own sums over the values it loads, and its own mean
         and centred sum of squares (Welford's update), so the loop streams with no reduction
         across lanes; the lanes are merged once, at the end, by Chan et al.'s formula."""
-        program = tl.program_id(0)
-        tensor = tl.load(owner + program)
-        n = tl.load(sizes + tensor)
-        start = (program - tl.load(first + tensor)) * CHUNK
-        stop = tl.minimum(start + CHUNK, n)
+        program, tensor, start, stop = _chunk(sizes, owner, first, CHUNK)
         x_at = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
         count = tl.zeros((BLOCK,), tl.float64)
         total = tl.zeros((BLOCK,), tl.float64)
@@ -166,16 +172,12 @@ if triton is not None:
         tl.store(row + 5 * tensors, tl.sum(infs, axis=0))
         tl.store(row + 6 * tensors, tl.max(top, axis=0))
 
-    def _change_chunks(addresses, sizes, offsets, owner, first, kept, partials, stride, base,
+    def _change_chunks(addresses, sizes, owner, first, partials, stride, base, kept, offsets,
                        CARRY: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         """One chunk of one weight tensor: ||before||^2 and ||after - before||^2 (float64), the
         weights before at kept[offsets[t]:], the weights after at addresses[t]; `CARRY`: the
         weights after written over the weights before."""
-        program = tl.program_id(0)
-        tensor = tl.load(owner + program)
-        n = tl.load(sizes + tensor)
-        start = (program - tl.load(first + tensor)) * CHUNK
-        stop = tl.minimum(start + CHUNK, n)
+        program, tensor, start, stop = _chunk(sizes, owner, first, CHUNK)
         now_at = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
         was_at = kept + tl.load(offsets + tensor)
         before = tl.zeros((BLOCK,), tl.float64)
@@ -294,34 +296,52 @@ def _readable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-class GradientSums:
+class _MultiTensor:
+    """What `GradientSums` and `UpdateNorms` share: their tensors' layout, the partial sums of
+    each chunk (`parts` a chunk, float64), the (fields, tensors) float64 output, and a step's
+    launches: one of `chunks` per dtype, then one of `merge` for all the tensors."""
+
+    def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device, block: int,
+                 chunk: int, warps: int, parts: int, fields: int, chunks, merge):
+        self.sizes = list(sizes)
+        self.block, self.chunk, self.warps = block, chunk, warps
+        self.layout = _Layout(self.sizes, dtypes, device, chunk)
+        self.partials = torch.zeros(parts, max(self.layout.chunks, 1), dtype=torch.float64, device=device)
+        self.out = torch.zeros(fields, len(self.sizes), dtype=torch.float64, device=device)
+        self._chunks, self._merge = _kernel(chunks), _kernel(merge)
+        self._extra = [()] * len(self.layout.groups)  # per dtype, the chunk kernel's own arguments
+
+    def _launch(self, tensors: Sequence[torch.Tensor], placed: bool, **constants) -> torch.Tensor:
+        """The kernels over `tensors` (`placed`: found at the tables' addresses); `constants`:
+        the chunk kernel's own, beside its dtype and layout."""
+        readable = _readable(tensors)
+        layout, partials = self.layout, self.partials
+        tables = layout._tables if placed and readable is tensors else layout.addresses(readable)
+        stride = partials.shape[1]
+        with _current(layout.device):
+            for (dtype, _, sizes, owner, first, programs, base), table, extra in zip(layout.groups, tables,
+                                                                                   self._extra, strict=True):
+                if programs:
+                    self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base, *extra,
+                                              DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk,
+                                              num_warps=self.warps, **constants)
+            self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
+                                            BLOCK=MERGE_BLOCK)
+        return self.out
+
+
+class GradientSums(_MultiTensor):
     """Per tensor, the raw sums `finish_gradient_rows` makes the statistics of, as a (7,
     tensors) float64 buffer on the device, in input order (valid until the next call)."""
 
     def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device,
                  block: int = BLOCK, chunk: int = CHUNK, warps: int = GRADIENT_WARPS):
-        self.sizes = list(sizes)
-        self.block, self.chunk, self.warps = block, chunk, warps
-        self.layout = _Layout(self.sizes, dtypes, device, chunk)
-        self.partials = torch.zeros(_GRADIENT_PARTS, max(self.layout.chunks, 1), dtype=torch.float64, device=device)
-        self.out = torch.zeros(GRADIENT_FIELDS, len(self.sizes), dtype=torch.float64, device=device)
-        self._chunks, self._merge = _kernel(_gradient_chunks), _kernel(_gradient_merge)
+        super().__init__(sizes, dtypes, device, block, chunk, warps, _GRADIENT_PARTS, GRADIENT_FIELDS,
+                         _gradient_chunks, _gradient_merge)
 
     def __call__(self, grads: Sequence[torch.Tensor], placed: bool = False) -> torch.Tensor:
         """`placed`: the caller found the gradients at the tables' addresses (`at_last_addresses`)."""
-        readable = _readable(grads)
-        layout, partials = self.layout, self.partials
-        tables = layout._tables if placed and readable is grads else layout.addresses(readable)
-        stride = partials.shape[1]
-        with _current(layout.device):
-            for (dtype, _, sizes, owner, first, programs, base), table in zip(layout.groups, tables, strict=True):
-                if programs:
-                    self._chunks[(programs,)](table, sizes, owner, first, partials, stride, base,
-                                              DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk,
-                                              num_warps=self.warps)
-            self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
-                                            BLOCK=MERGE_BLOCK)
-        return self.out
+        return self._launch(grads, placed)
 
 
 def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -333,16 +353,15 @@ def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.append(table.reshape(-1), global_norm)
 
 
-class UpdateNorms:
+class UpdateNorms(_MultiTensor):
     """The weights before a step kept in their own dtype (one flat buffer per dtype), and per
     tensor ||before||^2 and ||after - before||^2 as a (2, tensors) float64 buffer on the device,
     in input order."""
 
     def __init__(self, sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device,
                  block: int = BLOCK, chunk: int = CHUNK, warps: int = 4):
-        self.sizes = list(sizes)
-        self.block, self.chunk, self.warps = block, chunk, warps
-        self.layout = _Layout(self.sizes, dtypes, device, chunk)
+        super().__init__(sizes, dtypes, device, block, chunk, warps, _CHANGE_PARTS, _CHANGE_PARTS,
+                         _change_chunks, _change_merge)
         self.kept, self.offsets, self.views = [], [], [None] * len(self.sizes)
         for dtype, members, *_ in self.layout.groups:
             flat = torch.empty(sum(self.sizes[i] for i in members), dtype=dtype, device=device)
@@ -351,9 +370,7 @@ class UpdateNorms:
                 self.views[i] = flat[start:start + self.sizes[i]]
             self.kept.append(flat)
             self.offsets.append(self.layout._on(starts))
-        self.partials = torch.zeros(_CHANGE_PARTS, max(self.layout.chunks, 1), dtype=torch.float64, device=device)
-        self.out = torch.zeros(_CHANGE_PARTS, len(self.sizes), dtype=torch.float64, device=device)
-        self._chunks, self._merge = _kernel(_change_chunks), _kernel(_change_merge)
+        self._extra = list(zip(self.kept, self.offsets, strict=True))
 
     @torch.no_grad()
     def keep(self, params: Sequence[torch.Tensor]) -> "UpdateNorms":
@@ -366,22 +383,8 @@ class UpdateNorms:
         return self
 
     def __call__(self, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:
-        readable = _readable(params)
-        layout, partials = self.layout, self.partials
         # An optimizer steps its weights in place: the tables hold their addresses after the first step.
-        tables = layout._tables if readable is params and layout.at_last_addresses(params) else layout.addresses(
-            readable)
-        stride = partials.shape[1]
-        groups = zip(layout.groups, tables, self.kept, self.offsets, strict=True)
-        with _current(layout.device):
-            for (dtype, _, sizes, owner, first, programs, base), table, kept, offsets in groups:
-                if programs:
-                    self._chunks[(programs,)](table, sizes, offsets, owner, first, kept, partials, stride, base,
-                                              CARRY=carry, DTYPE=DTYPES[dtype], BLOCK=self.block, CHUNK=self.chunk,
-                                              num_warps=self.warps)
-            self._merge[(len(self.sizes),)](partials, stride, layout.bounds, layout.rows, self.out, len(self.sizes),
-                                            BLOCK=MERGE_BLOCK)
-        return self.out
+        return self._launch(params, self.layout.at_last_addresses(params), CARRY=carry)
 
 
 def finish_update_ratio(squares: np.ndarray) -> np.ndarray:
