@@ -60,11 +60,10 @@ import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from gradwatch import GradientTelemetry  # noqa: E402
 from gradwatch.telemetry import stats  # noqa: E402
+from gradwatch.telemetry.dispatch_count import TorchOps  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 MIB = 2**20
@@ -321,24 +320,6 @@ def fit(kind: str, variant: str, warmup: int, steps: int, small: bool, extra: li
     return result
 
 
-class NewStorage(TorchDispatchMode):
-    """Bytes of the new storage torch operations make (views and in-place results share an input's)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes, self._seen = 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | self._seen:
-                self._seen.add(t.untyped_storage().data_ptr())
-                self.bytes += t.untyped_storage().nbytes()
-        return out
-
-
 def device_path_proxy(width: int = 64) -> dict:
     """On the CPU, what the GPU path allocates and does on the host for a GPT's 149 tensors (of
     `width`), against the torch operations it replaces: the bytes of new storage at the first
@@ -356,11 +337,11 @@ def device_path_proxy(width: int = 64) -> dict:
             grad_stats, ratio = stats.GradientStats(sizes), stats.UpdateRatio(sizes)
             made = []
             for step in range(3):
-                with NewStorage() as new:
+                with TorchOps() as ops:
                     kept = ratio.before(weights, reuse=step > 0)
                     grad_stats.pending(grads)
                     ratio.pending(kept, weights, carry=True)
-                made.append(new.bytes / params)
+                made.append(ops.bytes / params)
             report[path] = {"first_step_bytes_per_param": made[0], "later_step_bytes_per_param": made[2]}
             if device_kernels:  # the host's share: launches replaced by nothing
                 plans = (grad_stats._device[1], ratio._device[1])

@@ -14,12 +14,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 pytest.importorskip("triton", reason="triton is not installed: the GPU kernels cannot be tested")
 
 from gradwatch.telemetry import gpu, stats, tags  # noqa: E402
+from gradwatch.telemetry.dispatch_count import TorchOps  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not gpu.interpreting():
@@ -167,26 +166,6 @@ def test_update_ratio_equals_the_weights_change(carry):
         torch.float32, torch.bfloat16, torch.float16, torch.float64}
 
 
-class Ops(TorchDispatchMode):
-    """The torch operations run, and the bytes of the new storage they made (a view or an
-    in-place result shares an input's, and is not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names, self.bytes, self._seen = [], 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.names.append(str(func))
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {t.untyped_storage().data_ptr() for t in tensors}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | self._seen:
-                self._seen.add(t.untyped_storage().data_ptr())
-                self.bytes += t.untyped_storage().nbytes()
-        return out
-
-
 class Launches:
     """A kernel that counts its launches and does nothing (the host's work is what is measured)."""
 
@@ -224,7 +203,7 @@ def test_a_logged_step_launches_a_fixed_number_of_kernels_and_allocates_nothing(
                 monkeypatch.setattr(plan, "_chunks", Launches())
                 monkeypatch.setattr(plan, "_merge", Launches())
             Launches.count = 0
-        with Ops() as ops:
+        with TorchOps() as ops:
             kept = ratio.before(weights, reuse=step > 1)
             values, finish = grad_stats.pending(grads)
             with torch.no_grad():

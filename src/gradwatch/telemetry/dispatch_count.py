@@ -1,0 +1,34 @@
+"""What torch operations run and allocate, counted where they dispatch: how the GPU path's tests
+and `scripts/bench_gpu.py` show that a logged step makes no tensor and reads nothing back."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class TorchOps(TorchDispatchMode):
+    """Inside `with TorchOps() as ops:`, the torch operations run (`ops.names`) and the bytes of
+    the new storage they made (`ops.bytes`): a view or an in-place result shares an input's
+    storage and is not counted, nor is a storage counted twice.
+
+    >>> with TorchOps() as ops:
+    ...     x = torch.zeros(4)
+    ...     y = x.add_(1).view(2, 2)
+    >>> ops.names, ops.bytes
+    (['aten.zeros.default', 'aten.add_.Tensor', 'aten.view.default'], 16)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.bytes, self._seen = [], 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.names.append(str(func))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | self._seen:
+                self._seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
