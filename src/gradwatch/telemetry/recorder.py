@@ -231,6 +231,7 @@ class StepRecorder(pl.Callback):
         self._world_size: int | None = None  # the processes of this fit
         self._trainer = None
         self._scaler = None
+        self._plain_module = None  # a module whose `step_metrics` can be read from its __dict__ (this fit's)
         self._loss_said = False  # a non-finite loss was said this fit
         self._written_step: int | None = None
         # What the run's record needs at the end.
@@ -311,6 +312,12 @@ class StepRecorder(pl.Callback):
         self._trainer = trainer
         # 16-mixed hands `on_before_backward` the loss times the scaler's scale.
         self._scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        # A module whose class defines no `step_metrics` holds them, if ever, in its __dict__
+        # (set there by nn.Module.__setattr__, a dict being no parameter, buffer or module):
+        # read there each step, not through getattr, which for a module without them goes
+        # through nn.Module.__getattr__ and raises and catches an AttributeError (~1 us a step).
+        plain = isinstance(getattr(pl_module, "__dict__", None), dict) and not hasattr(type(pl_module), "step_metrics")
+        self._plain_module = pl_module if plain else None
         self._open()
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -348,7 +355,7 @@ class StepRecorder(pl.Callback):
         for sink in self.sinks:
             sink.close()
         self._steps.clear()
-        self._trainer = self._scaler = None
+        self._trainer = self._scaler = self._plain_module = None
 
     # -- checkpointed state -------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -395,7 +402,8 @@ class StepRecorder(pl.Callback):
 
     def _head(self, trainer, pl_module, record: _Step) -> list:
         """The loss, the learning rate and the module's step metrics: one readback."""
-        metrics = getattr(pl_module, "step_metrics", None) or {}
+        metrics = (pl_module.__dict__.get("step_metrics") if pl_module is self._plain_module
+                   else getattr(pl_module, "step_metrics", None)) or {}
         optimizers = trainer.optimizers
         lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
         if record.output_losses:
