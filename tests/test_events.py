@@ -47,21 +47,15 @@ def test_tensorboard_reads_every_event_back(tmp_path):
 
 
 def test_layout_has_one_gradient_flow_chart_with_every_weights_norm(tmp_path):
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    from conftest import read_tb, train
+    from conftest import read_layout, read_tb, train
 
     train(["model=mlp", "model.hidden=[4,4,4]", "trainer.max_steps=3"], tmp_path)
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
-    acc.Reload()
-    (event,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
-    charts = {(c.title, chart.title): list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    charts = read_layout(tmp_path)
     logged = read_tb(tmp_path)
 
     def drawn(category: str, chart: str) -> list[str]:
         """The logged tags a chart draws: TensorBoard searches each of its regexes in every tag."""
-        return sorted(tag for tag in logged if any(re.search(r, tag) for r in charts[(category, chart)]))
+        return sorted(tag for tag in logged if any(re.search(r, tag) for r in charts[category][chart]))
 
     # Linear, ReLU, Linear, ...: the four weights, and nothing else.
     assert drawn("gradient flow", "gradient norm of every weight") == [f"grad/{i}.weight/norm" for i in (0, 2, 4, 6)]

@@ -11,7 +11,7 @@ from gradwatch.storage.parquet import read_metrics
 from gradwatch.storage.record import read_run
 from gradwatch.telemetry.stats import activation_stats, gradient_stats
 
-from conftest import compose_cfg, read_tb, train
+from conftest import compose_cfg, read_layout, read_tb, train
 
 
 def torch_stats(grad: torch.Tensor) -> dict[str, float]:
@@ -154,15 +154,8 @@ def test_stats_functions_match_torch_on_odd_tensors():
 
 
 def test_custom_scalars_layout_names_categories_after_what_they_hold(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
     train(["model=mlp", "model.hidden=[3]", "trainer.max_steps=2"], run_dir)
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
-    acc.Reload()
-    (event,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
-    categories = {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+    categories = read_layout(run_dir)
     assert list(categories) == ["training", "gradient flow", "dead ReLUs", "gradients of 0 (weight, bias)",
                                 "gradients of 2 (weight, bias)"]
     assert categories["gradients of 0 (weight, bias)"]["gradient mean"] == [r"^grad/0\.weight/mean$",
