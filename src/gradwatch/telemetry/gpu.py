@@ -78,6 +78,17 @@ if triton is not None:
         start = (program - tl.load(first + tensor)) * CHUNK
         return program, tensor, start, tl.minimum(start + CHUNK, tl.load(sizes + tensor))
 
+    @triton.jit
+    def _chunk_columns(bounds):
+        """A merge kernel's program `t` and the columns [lo, hi) of its tensor's chunks."""
+        t = tl.program_id(0)
+        return t, tl.load(bounds + t), tl.load(bounds + t + 1)
+
+    @triton.jit
+    def _column(partials, field, stride, at, hi, other):
+        """Row `field` of the chunks' partial sums at columns `at` (`other` at hi and past it)."""
+        return tl.load(partials + field * stride + at, mask=at < hi, other=other)
+
     def _gradient_chunks(addresses, sizes, owner, first, partials, stride, base,
                          DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         """One chunk of one tensor: its count, sum, sum of squares about its mean, sum of
@@ -132,9 +143,7 @@ if triton is not None:
     def _gradient_merge(partials, stride, bounds, rows, out, tensors, BLOCK: tl.constexpr):
         """One tensor's chunks (columns bounds[t] to bounds[t + 1]) merged into its row of `out`
         (GRADIENT_FIELDS, tensors), at its input position rows[t]."""
-        t = tl.program_id(0)
-        lo = tl.load(bounds + t)
-        hi = tl.load(bounds + t + 1)
+        t, lo, hi = _chunk_columns(bounds)
         count = tl.zeros((BLOCK,), tl.float64)
         total = tl.zeros((BLOCK,), tl.float64)
         squares = tl.zeros((BLOCK,), tl.float64)
@@ -144,14 +153,13 @@ if triton is not None:
         top = tl.zeros((BLOCK,), tl.float64)
         for s in range(lo, hi, BLOCK):
             at = s + tl.arange(0, BLOCK)
-            valid = at < hi
-            count += tl.load(partials + at, mask=valid, other=0.0)
-            total += tl.load(partials + stride + at, mask=valid, other=0.0)
-            squares += tl.load(partials + 3 * stride + at, mask=valid, other=0.0)
-            zeros += tl.load(partials + 4 * stride + at, mask=valid, other=0.0)
-            nans += tl.load(partials + 5 * stride + at, mask=valid, other=0.0)
-            infs += tl.load(partials + 6 * stride + at, mask=valid, other=0.0)
-            top = tl.maximum(top, tl.load(partials + 7 * stride + at, mask=valid, other=0.0))
+            count += _column(partials, 0, stride, at, hi, 0.0)
+            total += _column(partials, 1, stride, at, hi, 0.0)
+            squares += _column(partials, 3, stride, at, hi, 0.0)
+            zeros += _column(partials, 4, stride, at, hi, 0.0)
+            nans += _column(partials, 5, stride, at, hi, 0.0)
+            infs += _column(partials, 6, stride, at, hi, 0.0)
+            top = tl.maximum(top, _column(partials, 7, stride, at, hi, 0.0))
         n = tl.sum(count, axis=0)
         mean = tl.sum(total, axis=0) / n  # NaN for an empty tensor, as torch's mean
         # Chan et al. for all chunks at once: their own centred sums plus their means' spread.
@@ -159,9 +167,9 @@ if triton is not None:
         for s in range(lo, hi, BLOCK):
             at = s + tl.arange(0, BLOCK)
             valid = at < hi
-            size = tl.load(partials + at, mask=valid, other=1.0)
-            delta = tl.load(partials + stride + at, mask=valid, other=0.0) / size - mean
-            own = tl.load(partials + 2 * stride + at, mask=valid, other=0.0)
+            size = _column(partials, 0, stride, at, hi, 1.0)
+            delta = _column(partials, 1, stride, at, hi, 0.0) / size - mean
+            own = _column(partials, 2, stride, at, hi, 0.0)
             centred += tl.where(valid, own + size * delta * delta, 0.0)
         row = out + tl.load(rows + t)
         tl.store(row, mean)
@@ -198,16 +206,13 @@ if triton is not None:
 
     def _change_merge(partials, stride, bounds, rows, out, tensors, BLOCK: tl.constexpr):
         """One tensor's chunks summed into its column of `out` (2, tensors), at rows[t]."""
-        t = tl.program_id(0)
-        lo = tl.load(bounds + t)
-        hi = tl.load(bounds + t + 1)
+        t, lo, hi = _chunk_columns(bounds)
         before = tl.zeros((BLOCK,), tl.float64)
         change = tl.zeros((BLOCK,), tl.float64)
         for s in range(lo, hi, BLOCK):
             at = s + tl.arange(0, BLOCK)
-            valid = at < hi
-            before += tl.load(partials + at, mask=valid, other=0.0)
-            change += tl.load(partials + stride + at, mask=valid, other=0.0)
+            before += _column(partials, 0, stride, at, hi, 0.0)
+            change += _column(partials, 1, stride, at, hi, 0.0)
         row = out + tl.load(rows + t)
         tl.store(row, tl.sum(before, axis=0))
         tl.store(row + tensors, tl.sum(change, axis=0))
