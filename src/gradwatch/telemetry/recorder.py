@@ -140,8 +140,8 @@ def _joined(parts: list) -> np.ndarray:
 
 def on_host(parts: Sequence[tuple[object, Callable | None]]) -> np.ndarray | None:
     """`Readback(parts).result()` when every part is a numpy array (the CPU kernels' numbers):
-    the same new vector, without the Readback (a copy of each part less); None when a part is
-    a tensor."""
+    the same new vector, finished at once, without a Readback object made and read each step;
+    None when a part is a tensor (then a Readback it is)."""
     finished = []
     for values, finish in parts:
         if not isinstance(values, np.ndarray):
@@ -248,7 +248,7 @@ class StepRecorder(pl.Callback):
         best the same tuple object every step."""
         if step is None:
             step = 0 if self._current is None else self._current
-        record = self._steps.get(step) or self._step(step)
+        record = self._steps.get(step) or self._step(step)  # a _Step is always true (no __len__)
         record.groups.append((names, values, on_read))
         if on_read is not None or not isinstance(values, np.ndarray):
             record.plain = False
