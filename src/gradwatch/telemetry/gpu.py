@@ -354,7 +354,8 @@ def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
     zero_fraction, norm, abs_max, nonfinite) flattened, then the global norm (float64)."""
     mean, centred, squares, zeros, nans, infs, top = np.asarray(raw, dtype=np.float64).reshape(GRADIENT_FIELDS, -1)
     abs_max = np.where(nans > 0, np.nan, top)  # the kernels leave NaN out of the largest magnitude
-    table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, abs_max, np)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an empty tensor's rows are NaN
+        table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, abs_max, np)
     return np.append(table.reshape(-1), global_norm)
 
 

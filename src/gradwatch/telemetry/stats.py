@@ -385,17 +385,16 @@ def rows_from_sums(n, mean, centred, squares, zeros, nonfinite, abs_max, xp, sca
     std is unbiased: sqrt(centred) * scale / `root` where the caller keeps root = sqrt(max(n - 1,
     1)) (its centred sum is 0 for one value), else sqrt(centred / (n - 1)) as torch rounds it, 0
     for one value and NaN for none."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if root is None:
-            std = xp.where(n > 1, xp.sqrt(centred / (n - 1).clip(1)), xp.where(n == 1, 0.0, math.nan))
-        else:
-            std = xp.sqrt(centred) * scale / root
-        # The root of the sum of squares holds abs_max**2 as one of its terms: it is >= abs_max but
-        # may round below it; keep the inequality exact (and NaN where abs_max is).
-        root_squares = xp.sqrt(squares) if scale is None else xp.sqrt(squares) * scale
-        norm = xp.maximum(root_squares, abs_max)
-        table = xp.stack([mean, std, zeros / n, norm, abs_max, nonfinite], 1)
-        global_norm = xp.sqrt(squares.sum() if scale is None else (norm * norm).sum())
+    if root is None:
+        std = xp.where(n > 1, xp.sqrt(centred / (n - 1).clip(1)), xp.where(n == 1, 0.0, math.nan))
+    else:
+        std = xp.sqrt(centred) * scale / root
+    # The root of the sum of squares holds abs_max**2 as one of its terms: it is >= abs_max but
+    # may round below it; keep the inequality exact (and NaN where abs_max is).
+    root_squares = xp.sqrt(squares) if scale is None else xp.sqrt(squares) * scale
+    norm = xp.maximum(root_squares, abs_max)
+    table = xp.stack([mean, std, zeros / n, norm, abs_max, nonfinite], 1)
+    global_norm = xp.sqrt(squares.sum() if scale is None else (norm * norm).sum())
     return (table if order is None else table[order]), global_norm
 
 
