@@ -249,6 +249,7 @@ class GradientTelemetry(pl.Callback):
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
         self._epoch_tags: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self._last_epoch: tuple = (None, ())  # the last epoch's `_epoch_layers` list, and its tags
         self._names = JoinedNames()
         self._trainer = None
 
@@ -622,10 +623,18 @@ class GradientTelemetry(pl.Callback):
         never_fired = self._epoch_stats.epoch_pending(fired)
         self._pending.append((never_fired.numpy() if isinstance(never_fired, torch.Tensor) and never_fired.is_cpu
                               else never_fired, None))
-        key = tuple(self._epoch_layers)
-        epoch_tags = self._epoch_tags.get(key)
-        if epoch_tags is None:  # one tuple object per set of layers: the names cache keys by identity
-            epoch_tags = self._epoch_tags[key] = tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in key)
+        layers = self._epoch_layers
+        # Usually the same list as the last epoch's: one per set of layers, made once with its
+        # `_act_stats` entry and never changed (held here, so its id is not reused): no tuple
+        # of every layer's index made and hashed at each epoch's end (each step, with one-batch epochs).
+        if layers is self._last_epoch[0]:
+            epoch_tags = self._last_epoch[1]
+        else:
+            key = tuple(layers)
+            epoch_tags = self._epoch_tags.get(key)
+            if epoch_tags is None:  # one tuple object per set of layers: the names cache keys by identity
+                epoch_tags = self._epoch_tags[key] = tuple(tags.act(self._layers[i][0], tags.ACT_EPOCH) for i in key)
+            self._last_epoch = layers, epoch_tags
         self._pending_tags.append(epoch_tags)
 
     def _step_names(self) -> tuple[str, ...]:
