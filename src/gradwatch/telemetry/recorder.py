@@ -13,6 +13,7 @@ or the end of fit; on a CPU they are read at once.
 
 import logging
 import math
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # The flush cadence's one home: the `log` keys of the primary config.
 LOG_DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{PRIMARY}.yaml").log)
 _HEAD = (tags.LOSS, tags.LR)
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_NAMES_VALUES = operator.itemgetter(0, 1)
 _LR = (tags.LR,)
 # Batch ends a step's deferred numbers may wait for their copy before one waits for it: a host
 # running ahead of the device (no sync in the loop) then reads them without stalling each step.
@@ -450,7 +453,7 @@ class StepRecorder(pl.Callback):
         if step == self._written_step:
             return
         if record.plain:  # every value on the host already (the CPU): nothing to read or call back
-            groups = record.head + [(names, values) for names, values, _ in record.groups]
+            groups = record.head + list(map(_NAMES_VALUES, record.groups))
         else:
             groups = []
             for names, values in record.head:
@@ -461,8 +464,8 @@ class StepRecorder(pl.Callback):
                 if on_read is not None:
                     on_read(values)
                 groups.append((names, values))
-        names = self._names.join([names for names, _ in groups])
-        values = np.concatenate([v for _, v in groups])
+        names = self._names.join(list(map(_FIRST, groups)))  # map, not a comprehension: no frame
+        values = np.concatenate(list(map(_SECOND, groups)))
 
         self._open()
         for sink in self.sinks:
