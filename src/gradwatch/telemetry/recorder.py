@@ -80,8 +80,9 @@ class Readback:
     With `defer`, the tensors are copied into host memory without blocking (pinned, on a GPU),
     behind a CUDA event: the copy is queued after the kernels that made them, so the device
     buffers may be reused by the next step, and `result()` waits only for what is not there yet.
-    Without it (the CPU: nothing to wait for) they are read at once. `defer=None`: defer when
-    the values are on a CUDA device.
+    Without it (the CPU: nothing to wait for) the tensors are read at once, and the caller reads
+    `result()` before the next step (numpy parts are not copied). `defer=None`: defer when the
+    values are on a CUDA device.
     """
 
     __slots__ = ("_parts", "_host", "_event", "_result", "deferred")
@@ -99,9 +100,10 @@ class Readback:
         if defer is None:
             defer = flat.is_cuda
         self.deferred = bool(defer)
-        if not defer:
+        if not defer:  # read at once by the caller: the host parts are read before any next step
             self._host = flat.cpu().numpy()
-        elif flat.is_cuda:
+            return
+        if flat.is_cuda:
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
             self._event = torch.cuda.Event()
@@ -120,8 +122,7 @@ class Readback:
     def result(self) -> np.ndarray:
         if self._result is None:
             if self._event is not None:
-                if not self._event.query():  # read a step later, the copy is usually done: no wait at all
-                    self._event.synchronize()
+                self._event.synchronize()  # read a step later, the copy is usually done: no wait then
                 self._event = None
             parts, start = [], 0
             for values, finish in self._parts:
