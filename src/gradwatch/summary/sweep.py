@@ -1,16 +1,20 @@
 """Sweep plumbing for Hydra multirun: progress lines in run order, and the summary at the end."""
 
+import atexit
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 
 from gradwatch.storage.paths import SUMMARY_MD, tensorboard_command
 from gradwatch.summary.numbers import format_number
@@ -18,23 +22,55 @@ from gradwatch.summary.numbers import format_number
 TOTAL_ENV = "GRADWATCH_SWEEP_TOTAL"
 
 
+def _sweep_overrides(config: DictConfig) -> dict[str, Override]:
+    """The sweep's overrides by key: the sweeper's params first, then the command line, which wins
+    for a key in both. Raises hydra's OverrideParseException for text Hydra would refuse."""
+    params = config.hydra.sweeper.get("params") or {}
+    overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    return {o.key_or_group: o for o in OverridesParser.create().parse_overrides(overrides)}
+
+
 def count_jobs(config: DictConfig) -> int | None:
     """How many runs a sweep will launch, when the sweeper says so up front."""
     sweeper = config.hydra.sweeper
     if "n_trials" in sweeper:
         return int(sweeper.n_trials)
-    # The sweeper's params first, then the command line, which wins for a key in both.
-    params = sweeper.get("params") or {}
-    overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     total = 1
     try:
-        by_key = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(overrides)}
-        for override in by_key.values():
+        for override in _sweep_overrides(config).values():
             if override.is_sweep_override():
                 total *= len(list(override.sweep_string_iterator()))
     except Exception:  # noqa: BLE001 - a count we cannot make is shown as "?"
         return None
     return total
+
+
+def shared_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep gives one value in every run (`experiment=...`, a `trainer.max_steps=...`
+    that sweeps nothing): they tell no run apart from another."""
+    try:
+        return sorted(key for key, override in _sweep_overrides(config).items() if not override.is_sweep_override())
+    except Exception:  # noqa: BLE001 - overrides Hydra refuses fail the sweep itself, with Hydra's message
+        return []
+
+
+def name_runs_by_differences(config: DictConfig) -> None:
+    """Leave the sweep's shared keys out of its run folders' names (`hydra.job.override_dirname`),
+    so that `000_experiment=study_lr_convergence,model=linear,...` reads `000_model=linear,...`.
+
+    Hydra composes each run's config anew from the sweep's Hydra overrides plus the run's own
+    (in the launcher's process or a worker's), so the keys are added there as
+    `hydra.job.config.override_dirname.exclude_keys`, next to any the user excluded; the sweep's
+    `multirun.yaml` and each run's `.hydra/hydra.yaml` show it.
+    """
+    naming = config.hydra.job.config.override_dirname
+    excluded = list(dict.fromkeys([*naming.exclude_keys, *shared_keys(config)]))
+    if excluded == list(naming.exclude_keys):
+        return
+    quoted = ",".join(f"'{key}'" for key in excluded)
+    with read_write(config.hydra):
+        naming.exclude_keys = excluded
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]")
 
 
 def _loss_text(record: dict[str, Any], digits: int = 6) -> str:
@@ -53,11 +89,13 @@ def shown_path(path: Path) -> str:
 
 def run_line(hydra_cfg: DictConfig, record: dict[str, Any]) -> str:
     """One line per finished run: `[3/18] optimizer.lr=0.1,seed=2  completed  converged  final_loss=0.0012`
-    (status, then the verdict of its findings)."""
+    (what tells the run apart, as its folder is named, else all its overrides; status, then the
+    verdict of its findings)."""
     total = os.environ.get(TOTAL_ENV, "?")
     number = int(hydra_cfg.job.num) + 1
     loss_text = _loss_text(record)
-    overrides = ",".join(record.get("overrides") or list(hydra_cfg.overrides.task)) or "(defaults)"
+    overrides = (hydra_cfg.job.get("override_dirname")
+                 or ",".join(record.get("overrides") or list(hydra_cfg.overrides.task)) or "(defaults)")
     verdict = f"  {record['verdict']}" if record.get("verdict") else ""
     line = f"[{number}/{total}] {overrides}  {record.get('status', 'unknown')}{verdict}  final_loss={loss_text}"
     if record.get("error") and record["status"] == "failed":
@@ -71,7 +109,8 @@ def report_run(hydra_cfg: DictConfig, record: dict[str, Any]) -> None:
 
 # A parallel launcher's runs end in any order; their lines are printed in run order, each as soon
 # as every run before it has ended. The state lives in the sweep folder, shared by the processes
-# under a file lock: the next number to print and the lines waiting for it.
+# under a file lock: the next number to print and the lines waiting for it. It is of no use once
+# the sweep has ended, however it ended: `_end_progress` prints what still waits and removes both.
 _PROGRESS, _PROGRESS_LOCK = ".progress.json", ".progress.lock"
 
 
@@ -98,10 +137,47 @@ def print_in_order(sweep_dir: Path, number: int | None, line: str | None) -> Non
 
 
 def _end_progress(sweep_dir: Path) -> None:
-    if (sweep_dir / _PROGRESS).exists():
-        print_in_order(sweep_dir, None, None)  # lines of runs whose predecessors never reported
-    for name in (_PROGRESS, _PROGRESS_LOCK):
-        (sweep_dir / name).unlink(missing_ok=True)
+    try:
+        if (sweep_dir / _PROGRESS).exists():
+            print_in_order(sweep_dir, None, None)  # lines of runs whose predecessors never reported
+    except ValueError:
+        pass  # a state cut short by an interruption: its waiting lines are lost, the runs are not
+    finally:
+        for name in (_PROGRESS, _PROGRESS_LOCK):
+            (sweep_dir / name).unlink(missing_ok=True)
+
+
+class _Interruption:
+    """What an interrupted sweep leaves: its runs' folders and `multirun.yaml`, nothing of the
+    sweep's own plumbing. Hydra calls `on_multirun_end` only for a sweep that ended; Ctrl-C, or a
+    run that stopped on SIGINT or SIGTERM, ends the launcher's process instead (a KeyboardInterrupt
+    or SystemExit), so at its exit the progress state goes (its waiting lines printed first) and a
+    line says how to summarise the runs so far. A SIGTERM between runs, when no run has its own
+    handler in place (each run's restores this one), exits the same way (143) instead of killing
+    the process before it can tidy up. A SIGKILL leaves the two files: docs/outputs.md."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = sweep_dir
+        atexit.register(self.at_exit)
+        main = threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGTERM, self._sigterm) if main else None
+
+    @staticmethod
+    def _sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # the exit code a shell gives a process the signal ended
+
+    def at_exit(self) -> None:
+        _end_progress(self.sweep_dir)
+        folder = shown_path(self.sweep_dir)
+        print(f"gradwatch: sweep interrupted before its summary; its runs so far are in {folder} "
+              f"(to summarise them: python scripts/summarize.py {folder})", flush=True)
+
+    def close(self) -> None:
+        """The sweep ended: its summary is written by `on_multirun_end`, not here."""
+        atexit.unregister(self.at_exit)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def open_line(folder: Path) -> str:
@@ -126,6 +202,8 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        name_runs_by_differences(config)
+        self._interruption = _Interruption(Path(config.hydra.sweep.dir))
         total = count_jobs(config)
         os.environ[TOTAL_ENV] = "?" if total is None else str(total)
         print(f"gradwatch: sweep of {os.environ[TOTAL_ENV]} runs into {config.hydra.sweep.dir}", flush=True)
@@ -145,11 +223,29 @@ class SweepCallback(Callback):
         print_in_order(Path(config.hydra.sweep.dir), int(config.hydra.job.num) + 1, run_line(config.hydra, record))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        _end_progress(sweep_dir)
+        try:
+            failed = self._summarize(sweep_dir)  # interrupted here, the line at exit says so
+        except Exception:
+            self._ended()
+            raise
+        self._ended()
+        if failed:
+            print(f"gradwatch: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    def _ended(self) -> None:
+        interruption = getattr(self, "_interruption", None)
+        if interruption is not None:
+            interruption.close()
+
+    @staticmethod
+    def _summarize(sweep_dir: Path) -> list[str]:
+        """The sweep summary, the mean over seeds and the lines that name them; the failed runs."""
         from gradwatch.summary.aggregate import write_mean_over_seeds
         from gradwatch.summary.table import write_summary
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        _end_progress(sweep_dir)
         # Each run's own convergence threshold (a sweep may sweep it).
         result = write_summary(sweep_dir)
         write_mean_over_seeds(sweep_dir, result)
@@ -157,10 +253,6 @@ class SweepCallback(Callback):
         print(f"gradwatch: summary of {len(result.runs)} runs in {sweep_dir}/{SUMMARY_MD} "
               f"({', '.join(others)})", flush=True)
         print(open_line(sweep_dir), flush=True)
-        failed = result.failed
         if result.unreadable:
             print(f"gradwatch: unreadable runs: {', '.join(result.unreadable)}", flush=True)
-        if failed:
-            print(f"gradwatch: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
-            sys.exit(1)
-
+        return list(result.failed)
