@@ -3,9 +3,9 @@
 Sweeps: `python train.py -m optimizer.lr=0.001,0.01,0.1 seed=0,1,2`. `python train.py --help` lists
 the groups and keys. See README.md.
 
-This file owns what the user sees of a run: one `gradwatch:` line (the verdict in words with its
-evidence, the final loss, the accuracy and dead ReLU units where there are any, and the command that
-opens the run folder in TensorBoard) and the exit code (0 done, 1 failed, 2 refused, 130/143
+This file owns what the user sees of a run: one `gradwatch:` line (the verdict with its evidence,
+the final loss, the accuracy and dead ReLU units where there are any), then a `TensorBoard:` line
+with the command that opens the run folder, and the exit code (0 done, 1 failed, 2 refused, 130/143
 interrupted). In a sweep each run gets its progress line from the sweep callback instead.
 
 A refused command (exit 2) leaves no new run folder and an existing one byte-identical: what can be
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float:
             _remove_new_folder(Path(HydraConfig.get().runtime.output_dir), _NEW_FOLDER["named_by_hydra"])
         sys.exit(code)
     if not multirun and is_rank_zero():
-        print(f"gradwatch: {in_words(result.record)}. TensorBoard: {_open_command(result.run_dir)}", flush=True)
+        print(f"gradwatch: {in_words(result.record)}\nTensorBoard: {_open_command(result.run_dir)}", flush=True)
     if result.exit_code:
         sys.exit(result.exit_code)
     return result.value

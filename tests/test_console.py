@@ -1,6 +1,6 @@
-"""What a user sees of one run through `train.py`: no Lightning banners, and a last line that says in
-words what happened (the verdict, what it means, its evidence), the final loss, the accuracy and the
-dead ReLU units where there are any, and the full command that opens the run in TensorBoard."""
+"""What a user sees of one run through `train.py`: no Lightning banners, then a line that says what
+happened (the verdict, its evidence, the other findings), the final loss, the accuracy and the dead ReLU
+units where there are any, and last, on its own line, the full command that opens the run in TensorBoard."""
 
 import csv
 import re
@@ -14,15 +14,15 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradwatch.storage.paths import RunPaths
-from gradwatch.summary.findings import VERDICT_WORDS, diagnose_run, verdict
+from gradwatch.summary.findings import diagnose_run, verdict
 
 from conftest import REPO, read_tb, strict_json, train_py
 
 pytestmark = pytest.mark.slow  # each test starts train.py
 
-LINE = re.compile(r"gradwatch: (\w+) after (\d+) steps: (.+?)(?: \((.*)\))?; final loss (\S+)"
-                  r"(?:, accuracy ([\d.]+)%)?(?:, (\d+)% of ReLU units dead(?: \(layer (\w+): (\d+)%\))?)?\. "
-                  r"TensorBoard: (\S+) --logdir (\S+)")
+LINE = re.compile(r"gradwatch: (\w+) after (\d+) steps?: (.+?)\.(?: Also found: (.+?)\.)? Final loss (\S+?)"
+                  r"(?:, accuracy ([\d.]+)%)?(?:, (\d+)% of ReLU units dead(?:, worst layer (\w+) at (\d+)%)?)?\.")
+OPEN = re.compile(r"TensorBoard: (\S+) --logdir (\S+)")
 
 
 def last_line(result) -> dict:
@@ -30,12 +30,12 @@ def last_line(result) -> dict:
     console = result.stdout + result.stderr
     for banner in ("GPU available", "TPU available", "litlogger", "Tip:", "`Trainer.fit` stopped"):
         assert banner not in console
-    last = result.stdout.strip().splitlines()[-1]
-    match = LINE.fullmatch(last)
-    assert match, last
-    keys = ("verdict", "steps", "words", "evidence", "loss", "accuracy", "dead", "worst", "worst_dead", "program",
+    *_, said, last = result.stdout.strip().splitlines()
+    match, opens = LINE.fullmatch(said), OPEN.fullmatch(last)
+    assert match and opens, (said, last)
+    keys = ("verdict", "steps", "evidence", "also", "loss", "accuracy", "dead", "worst", "worst_dead", "program",
             "folder")
-    return dict(zip(keys, match.groups(), strict=True))
+    return {**dict(zip(keys, match.groups() + opens.groups(), strict=True)), "line": said}
 
 
 def end_mean(values: dict[int, float]) -> float:
@@ -53,8 +53,7 @@ def test_the_default_run_says_it_is_learning_with_its_dead_units_and_the_venvs_t
     assert line["folder"].startswith("outputs/") and RunPaths(run_dir).is_run()
     assert line["program"] == str(Path(sys.executable).absolute().parent / "tensorboard")
     assert line["verdict"] == record["verdict"] == verdict(diagnose_run(run_dir)) == "learning"
-    assert line["words"] == VERDICT_WORDS["learning"]
-    assert line["evidence"] == record["findings"][0]["detail"]
+    assert line["evidence"] == record["findings"][0]["detail"] and line["also"] is None
     scalars = read_tb(run_dir)
     losses = scalars["train/loss"]
     assert int(line["steps"]) == record["steps"] == len(losses) == 200
@@ -66,6 +65,13 @@ def test_the_default_run_says_it_is_learning_with_its_dead_units_and_the_venvs_t
     worst = max(dead, key=dead.get)
     assert (line["worst"], int(line["worst_dead"])) == (worst, round(100 * dead[worst]))
     assert line["accuracy"] is None and record["accuracy_final"] is None  # MSE regression: no accuracy
+    # The whole line, its numbers from the TensorBoard files: the end is the median of the last 20 losses.
+    end = float(np.median([losses[s] for s in range(180, 200)]))
+    assert line["line"] == (
+        f"gradwatch: learning after 200 steps: loss fell {1 - end / losses[0]:.1%} from {losses[0]:.3g} at step 0 "
+        f"to {end:.3g} (median of the last 20 logged steps); not yet at or below 0.001. "
+        f"Final loss {losses[199]:.4g}, {np.mean(list(dead.values())):.0%} of ReLU units dead, "
+        f"worst layer {worst} at {dead[worst]:.0%}.")
 
 
 def test_a_digits_run_carries_its_accuracy_in_the_line_and_run_json(tmp_path):
@@ -77,7 +83,7 @@ def test_a_digits_run_carries_its_accuracy_in_the_line_and_run_json(tmp_path):
     accuracy = end_mean(read_tb(run_dir)["train/accuracy"])  # the last 6 steps' batches
     assert record["accuracy_final"] == pytest.approx(accuracy, rel=1e-6)
     assert float(line["accuracy"]) == pytest.approx(100 * accuracy, abs=0.05)
-    assert line["verdict"] == record["verdict"] and line["words"] == VERDICT_WORDS[record["verdict"]]
+    assert line["verdict"] == record["verdict"] and line["evidence"] == record["findings"][0]["detail"]
 
 
 def test_a_dead_layer_run_gives_its_evidence_and_the_findings_as_tensorboard_text(tmp_path):
@@ -87,9 +93,10 @@ def test_a_dead_layer_run_gives_its_evidence_and_the_findings_as_tensorboard_tex
     assert line["verdict"] == record["verdict"] == verdict(diagnose_run(run_dir)) == "dead_layer"
     assert int(line["steps"]) == record["steps"] == 40
     assert float(line["loss"]) == pytest.approx(record["final_loss"], rel=1e-3)
-    evidence = "layer 1: 16 of 16 units dead from step 0 (1 at step 0)"
+    evidence = "all 16 units of layer 1 dead from step 0 to the end"
     assert line["evidence"] == record["findings"][0]["detail"] == evidence
-    assert line["dead"] == "100"
+    assert line["line"] == (f"gradwatch: dead_layer after 40 steps: {evidence}. Also found: dead_layer in layer 3. "
+                            f"Final loss {read_tb(run_dir)['train/loss'][39]:.4g}, 100% of ReLU units dead.")
     # TensorBoard's text plugin carries the same findings.
     acc = EventAccumulator(str(RunPaths(run_dir).tb), size_guidance={"tensors": 0})
     acc.Reload()
@@ -98,7 +105,8 @@ def test_a_dead_layer_run_gives_its_evidence_and_the_findings_as_tensorboard_tex
     text = event.tensor_proto.string_val[0].decode()
     assert text.splitlines()[0] == "**verdict: dead_layer**"
     assert [line for line in text.splitlines() if line.startswith("- ")] == [
-        f"- `{f['code']}` at step {f['step']} ({f['where']}): {f['detail']}" for f in record["findings"]]
+        "- `dead_layer`: all 16 units of layer 1 dead from step 0 to the end",
+        "- `dead_layer`: all 16 units of layer 3 dead from step 0 to the end"]
 
 
 def test_a_loss_that_touched_the_threshold_once_is_not_converged(tmp_path):
@@ -113,8 +121,9 @@ def test_a_loss_that_touched_the_threshold_once_is_not_converged(tmp_path):
     record = strict_json(RunPaths(run_dir).record)
     assert (record["converged"], record["steps_to_converge"]) == (False, first)
     assert line["verdict"] == record["verdict"] == "learning"
-    assert line["evidence"].endswith(f"was at or below 0.003 at step {first} but did not stay there")
-    assert f"{at_end:.3g} at the end" in line["evidence"]
+    assert line["evidence"] == (f"loss fell {1 - at_end / losses[0]:.1%} from {losses[0]:.3g} at step 0 to "
+                                f"{at_end:.3g} (median of the last 20 logged steps); it was at or below 0.003 "
+                                f"at step {first} but did not stay there")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "summarize.py"), str(run_dir)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

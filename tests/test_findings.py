@@ -21,6 +21,7 @@ from gradwatch.summary.findings import (
     diagnose,
     diagnose_run,
     diagnosis_tag,
+    evidence,
     in_words,
     verdict,
     what_happened,
@@ -58,31 +59,31 @@ def test_converged_when_the_end_is_at_or_below_the_threshold_from_the_first_step
     assert list(result) == ["converged"]
     assert result["converged"] == [Finding(
         "converged", 3, "loss",
-        "loss 0.001 at the end (median of the last 3 logged steps), at or below 0.001; first there at step 3 (0.001)")]
+        "loss ended at 0.001 (median of the last 3 logged steps), at or below 0.001; first there at step 3 with 0.001")]
 
 
 def test_touching_the_threshold_once_is_learning_not_converged():
     loss = [4.0, 2.0, 0.0005, 1.2, 1.1, 1.0]
     assert list(found({"train/loss": loss})) == ["learning"]
     (learning,) = found({"train/loss": loss})["learning"]
-    assert learning == Finding("learning", 5, "loss", "loss 4 at step 0 -> 1.1 at the end (median of the last 3 "
-                               "logged steps), 72.5% lower; was at or below 0.001 at step 2 but did not stay there")
+    assert learning == Finding("learning", 5, "loss", "loss fell 72.5% from 4 at step 0 to 1.1 (median of the last 3 "
+                               "logged steps); it was at or below 0.001 at step 2 but did not stay there")
 
 
 def test_learning_when_nothing_holds_and_the_loss_fell():
     loss = list(np.geomspace(1.0, 0.1, 20))
     (learning,) = found({"train/loss": loss})["learning"]
     end = float(np.median(loss[-3:]))
-    assert learning.detail == (f"loss 1 at step 0 -> {end:.3g} at the end (median of the last 3 logged steps), "
-                               f"{1 - end:.1%} lower; not yet at or below 0.001")
+    assert learning.detail == (f"loss fell {1 - end:.1%} from 1 at step 0 to {end:.3g} (median of the last 3 "
+                               "logged steps); not yet at or below 0.001")
     assert verdict(diagnose(frame({"train/loss": loss}), LIMITS)) == "learning"
 
 
 def test_a_loss_that_ends_no_lower_than_it_started_is_stalled_whatever_the_last_half_did():
     loss = [1.0, 3.0, 3.0, 3.0, 2.0, 1.5, 1.2, 1.1, 1.05, 1.0]
     assert found({"train/loss": loss})["stalled"] == [
-        Finding("stalled", 0, "loss", "loss 1 at step 0 -> 1.05 at the end (median of the last 3 logged steps): "
-                                      "no lower than at the start")]
+        Finding("stalled", 0, "loss", "loss ended at 1.05 (median of the last 3 logged steps), no lower than 1 "
+                                      "at step 0")]
 
 
 def test_one_logged_loss_is_too_short_to_judge():
@@ -94,7 +95,8 @@ def test_converged_relative_to_the_step_zero_loss():
     limits = Thresholds(**{**LIMITS.__dict__, "converge_below": 0.01, "converge_relative": True})
     result = found({"train/loss": [4.0, 1.0, 0.04, 0.03, 0.03]}, limits)
     assert result["converged"][0].step == 2
-    assert "at or below 0.04 (0.01 x the step-0 loss)" in result["converged"][0].detail
+    assert result["converged"][0].detail == ("loss ended at 0.03 (median of the last 3 logged steps), at or below "
+                                             "0.04 = 0.01 x the step-0 loss; first there at step 2 with 0.04")
 
 
 def test_stalled_when_the_last_half_gains_under_the_threshold():
@@ -102,7 +104,8 @@ def test_stalled_when_the_last_half_gains_under_the_threshold():
     loss = [10.0] * 5 + [2.0] * 4 + [1.0] * 3 + [0.995] * 8
     assert found({"train/loss": loss})["stalled"] == [
         Finding("stalled", 10, "loss",
-                "loss 1 at step 10 -> 0.995 at step 19: 0.5% better over the last half (under 1%)")]
+                "loss improved only 0.5% over the last half, less than 1%: 1 at step 10, 0.995 at step 19 "
+                "(medians of 3 logged steps)")]
     loss[9] = 2.0  # the middle is now 2: half better since
     assert "stalled" not in found({"train/loss": loss})
 
@@ -114,7 +117,7 @@ def test_stalled_uses_relative_improvement_over_the_last_half():
     gain_half_pct = [1.0] * 10 + list(np.linspace(1.0, 0.995, 10))
     (stalled,) = found({"train/loss": gain_half_pct})["stalled"]
     assert stalled.step == 10 and len(gain_half_pct) == steps
-    assert "0.4% better over the last half (under 1%)" in stalled.detail  # median of the last 3
+    assert "improved only 0.4% over the last half, less than 1%" in stalled.detail  # median of the last 3
 
 
 def test_a_converged_run_is_not_stalled_however_flat_its_end():
@@ -126,7 +129,7 @@ def test_a_converged_run_is_not_stalled_however_flat_its_end():
 def test_diverged_on_the_loss_alone_names_the_loss():
     result = found({"train/loss": [1.0, 2.0, math.inf, math.nan], "grad/0.weight/norm": [1.0, 2.0, 3.0, 4.0],
                     "grad/0.weight/nonfinite": [0, 0, 0, 0]})
-    assert result["diverged"] == [Finding("diverged", 2, "loss", "loss inf at step 2 (last finite loss 2 at step 1)")]
+    assert result["diverged"] == [Finding("diverged", 2, "loss", "loss inf at step 2, last finite 2 at step 1")]
     assert "converged" not in result and "stalled" not in result
 
 
@@ -138,7 +141,7 @@ def test_diverged_names_the_first_parameter_in_network_order_that_went_nonfinite
     (diverged,) = found(curves)["diverged"]
     # 10.weight went first (step 1), though it sorts before 2.weight as text and comes last in the net.
     assert (diverged.step, diverged.where) == (1, "10.weight")
-    assert diverged.detail == "gradient 10.weight went non-finite at step 1 (1 non-finite values); loss 2"
+    assert diverged.detail == "gradient of 10.weight went non-finite at step 1 (1 value) with loss 2"
     curves["grad/10.weight/norm"][1], curves["grad/10.weight/nonfinite"][1] = 1.0, 0
     (diverged,) = found(curves)["diverged"]
     assert (diverged.step, diverged.where) == (2, "0.weight")  # both at step 2: the first in the network
@@ -164,15 +167,17 @@ def test_dead_layer_from_the_step_it_stayed_dead():
               "act/3/dead_fraction": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.5]}
     result = found(curves)
     assert result["dead_layer"] == [
-        Finding("dead_layer", 4, "1", "layer 1: all units dead from step 4 (0.25 at step 0)")]
+        Finding("dead_layer", 4, "1", "all units of layer 1 dead from step 4 to the end, 25% dead at step 0")]
     assert result["dying_relu"][0].where == "3"  # layer 1's death is not repeated as dying
     (dead,) = found(curves, units={"1": 16})["dead_layer"]
-    assert dead.detail == "layer 1: 16 of 16 units dead from step 4 (0.25 at step 0)"
+    assert dead.detail == "all 16 units of layer 1 dead from step 4 to the end, 25% dead at step 0"
 
 
 def test_dead_layer_from_step_zero():
     (dead,) = found({"train/loss": [1.0, 0.9], "act/1/dead_fraction": [1.0, 1.0]})["dead_layer"]
-    assert dead.step == 0
+    assert (dead.step, dead.detail) == (0, "all units of layer 1 dead from step 0 to the end")
+    (dead,) = found({"train/loss": [1.0, 0.9], "act/1/dead_fraction": [1.0, 1.0]}, units={"1": 1})["dead_layer"]
+    assert dead.detail == "the only unit of layer 1 dead from step 0 to the end"
 
 
 def test_dying_relu_when_the_end_is_a_rise_above_step_zero():
@@ -182,8 +187,8 @@ def test_dying_relu_when_the_end_is_a_rise_above_step_zero():
     result = found({"train/loss": [1.0] * 20, "act/1/dead_fraction": rising, "act/3/dead_fraction": below})
     (dying,) = result["dying_relu"]
     assert (dying.step, dying.where) == (3, "1")
-    assert dying.detail == ("layer 1: dead fraction 0.1 at step 0 -> 0.4 at the end "
-                            "(rose by 0.3; first up by 0.25 at step 3)")
+    assert dying.detail == ("dead units in layer 1 rose from 10% at step 0 to 40% (median of the last 3 logged "
+                            "steps); the rise reached 25 points at step 3")
 
 
 def test_one_noisy_batch_at_the_end_is_not_a_dying_layer():
@@ -203,8 +208,8 @@ def test_vanishing_gradients_compare_the_first_and_last_weight_on_the_median_ste
               "grad/4.weight/norm": last, "grad/4.bias/norm": [1e-9] * steps}  # last *weight*, not bias
     (vanishing,) = found(curves)["vanishing_gradients"]
     assert (vanishing.step, vanishing.where) == (0, "0.weight")
-    assert vanishing.detail == ("0.weight gradient norm is 1e-05 x 4.weight's (median over 4 steps; "
-                                "below 0.001 from step 0)")
+    assert vanishing.detail == ("gradient norm of 0.weight is 1e-05 x that of 4.weight (median of 4 steps); "
+                                "the ratio is under 0.001 from step 0")
     curves["grad/0.weight/norm"] = [1e-3 * v for v in last]  # exactly the ratio: not below it
     assert "vanishing_gradients" not in found(curves)
 
@@ -219,7 +224,8 @@ def test_exploding_gradients_past_the_factor_times_step_zero():
               "grad/global_norm": [2.0, 3.0, 50.0, 201.0, 1000.0]}
     (exploding,) = found(curves)["exploding_gradients"]
     assert (exploding.step, exploding.where) == (3, "2.weight")
-    assert exploding.detail == "global gradient norm 201 at step 3, 100 x its step-0 value 2 (largest: 2.weight)"
+    assert exploding.detail == ("global gradient norm reached 201 at step 3, 100 x its step-0 value of 2; "
+                                "largest in 2.weight")
     curves["grad/global_norm"] = [2.0, 3.0, 50.0, 200.0, 199.0]
     assert "exploding_gradients" not in found(curves)
 
@@ -227,7 +233,7 @@ def test_exploding_gradients_past_the_factor_times_step_zero():
 def test_exploding_measures_from_the_first_positive_norm():
     (exploding,) = found({"train/loss": [1.0] * 4, "grad/global_norm": [0.0, 1.0, 50.0, 150.0]})[
         "exploding_gradients"]
-    assert exploding.step == 3 and "x its step-1 value 1" in exploding.detail
+    assert exploding.step == 3 and "x its step-1 value of 1" in exploding.detail
 
 
 # --- verdict, codes, reading ------------------------------------------------------------------
@@ -242,24 +248,40 @@ def test_verdict_order():
 
 
 def test_codes_words_and_markdown():
-    findings = [Finding("dead_layer", 0, "1", "layer 1: all units dead from step 0 (1 at step 0)"),
-                Finding("dead_layer", 0, "3", "layer 3: all units dead from step 0 (1 at step 0)"),
+    findings = [Finding("dead_layer", 0, "1", "all units of layer 1 dead from step 0 to the end"),
+                Finding("dead_layer", 0, "3", "all units of layer 3 dead from step 0 to the end"),
                 Finding("stalled", 50, "loss", "flat")]
     assert codes(findings) == "dead_layer,stalled"
     record = {"verdict": verdict(findings), "steps": 60, "findings": [f.as_dict() for f in findings],
-              "final_loss": float("inf"), "accuracy_final": 0.875, "dead_fraction_final": 1.0,
-              "dead_fraction_layers": {"1": 1.0, "3": 1.0}}
+              "final_loss": float("inf"), "accuracy_final": 0.875, "dead_fraction_final": 0.75,
+              "dead_fraction_layers": {"1": 1.0, "3": 0.5}}
+    # The verdict, its evidence, the other findings, then the numbers; no parentheses in the frame.
     assert in_words(record) == (
-        "dead_layer after 60 steps: a ReLU layer died: every unit outputs 0, so nothing below it learns "
-        "(layer 1: all units dead from step 0 (1 at step 0)); final loss nan, accuracy 87.5%, "
-        "100% of ReLU units dead (layer 1: 100%)")
+        "dead_layer after 60 steps: all units of layer 1 dead from step 0 to the end. "
+        "Also found: dead_layer in layer 3; stalled. Final loss nan, accuracy 87.5%, "
+        "75% of ReLU units dead, worst layer 1 at 100%.")
+    # Every layer alike: no worst layer to name.
+    alike = {**record, "dead_fraction_final": 1.0, "dead_fraction_layers": {"1": 1.0, "3": 1.0}}
+    assert in_words(alike).endswith(" Final loss nan, accuracy 87.5%, 100% of ReLU units dead.")
     assert in_words({"steps": 1, "final_loss": None}) == (
-        "too_short after 1 steps: too few steps logged to judge; final loss nan")
-    text = as_markdown(findings)
-    assert text.splitlines()[0] == "**verdict: dead_layer**"
-    assert "- `stalled` at step 50 (loss): flat" in text
+        "too_short after 1 step: too few steps logged to judge. Final loss nan.")
+    # A record without its findings says what the verdict means.
+    assert in_words({"verdict": "stalled", "steps": 9, "final_loss": 0.5}) == (
+        "stalled after 9 steps: the loss stopped improving. Final loss 0.5.")
+    assert evidence("dying_relu", [Finding("dying_relu", 3, "1", "rose"), Finding("dying_relu", 4, "3", "x"),
+                                   Finding("dying_relu", 5, "9", "y"), Finding("converged", 9, "loss", "z")]) == (
+        "rose. Also found: dying_relu in layers 3 and 9; converged.")
+    assert evidence("dying_relu", [Finding("dying_relu", 3, "1", "rose"), Finding("dying_relu", 4, "3", "x"),
+                                   Finding("dying_relu", 5, "9", "y"), Finding("dying_relu", 6, "11", "w")]) == (
+        "rose. Also found: dying_relu in layers 3, 9 and 11.")
+    assert as_markdown(findings).splitlines() == [
+        "**verdict: dead_layer**", "",
+        "- `dead_layer`: all units of layer 1 dead from step 0 to the end",
+        "- `dead_layer`: all units of layer 3 dead from step 0 to the end",
+        "- `stalled`: flat"]
+    assert as_markdown([]) == "**verdict: too_short**: too few steps logged to judge"
     assert findings[0].as_dict() == {"code": "dead_layer", "step": 0, "where": "1",
-                                     "detail": "layer 1: all units dead from step 0 (1 at step 0)"}
+                                     "detail": "all units of layer 1 dead from step 0 to the end"}
 
 
 def test_curves_keep_network_order_and_the_last_value_of_a_step_written_twice():
@@ -323,8 +345,11 @@ def fate(overrides: list[str], run_dir) -> list[Finding]:
     assert [(f["code"], f["step"], f["where"]) for f in record["findings"]] == [
         (f.code, f.step, f.where) for f in findings]
     (text,) = tb_texts(run_dir)["findings"].values()
-    assert text.startswith(f"**verdict: {verdict(findings)}**")
-    assert all(f["detail"] in text for f in record["findings"])
+    assert text.splitlines() == [f"**verdict: {verdict(findings)}**", "",
+                                 *(f"- `{f['code']}`: {f['detail']}" for f in record["findings"])]
+    # summary.md words each run's verdict as the console does (from files alone: no unit counts).
+    markdown = (run_dir / "summary.md").read_text()
+    assert f"\n- **.** {verdict(findings)}: {evidence(verdict(findings), findings)}\n" in markdown
     return findings
 
 
@@ -361,7 +386,7 @@ def test_mlp_with_bias_minus_5_has_dead_layers_from_step_0(run_dir):
     # The run's end knew the widths (model.hidden): the details count the units.
     hidden = OmegaConf.load(run_dir / ".hydra" / "config.yaml").model.hidden
     details = [f["detail"] for f in strict_json(run_dir / "run.json")["findings"]][:2]
-    assert details == [f"layer {layer}: {n} of {n} units dead from step 0 (1 at step 0)"
+    assert details == [f"all {n} units of layer {layer} dead from step 0 to the end"
                        for layer, n in zip("13", hidden, strict=True)]
     assert all(v == 1.0 for v in read_tb(run_dir)["act/1/dead_fraction"].values())
 
@@ -370,7 +395,7 @@ def test_twenty_layer_sigmoid_mlp_has_vanishing_gradients(run_dir):
     findings = fate(SIGMOID_20, run_dir)
     assert verdict(findings) == "vanishing_gradients"
     (vanishing,) = [f for f in findings if f.code == "vanishing_gradients"]
-    assert vanishing.where == "0.weight" and "40.weight's" in vanishing.detail
+    assert vanishing.where == "0.weight" and "x that of 40.weight (median of 100 steps)" in vanishing.detail
     tb = read_tb(run_dir)
     ratios = [tb["grad/0.weight/norm"][s] / tb["grad/40.weight/norm"][s] for s in tb["grad/0.weight/norm"]]
     assert np.median(ratios) < 1e-3
@@ -379,7 +404,7 @@ def test_twenty_layer_sigmoid_mlp_has_vanishing_gradients(run_dir):
 def test_seed_relu_off_has_a_dead_layer(run_dir):
     findings = fate(["experiment=seed_relu_off"], run_dir)
     assert verdict(findings) == "dead_layer"
-    assert findings[0] == Finding("dead_layer", 0, "1", "layer 1: all units dead from step 0 (1 at step 0)")
+    assert findings[0] == Finding("dead_layer", 0, "1", "all units of layer 1 dead from step 0 to the end")
 
 
 def test_reading_all_tags_or_only_the_diagnosis_tags_finds_the_same(run_dir):

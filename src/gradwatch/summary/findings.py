@@ -31,18 +31,22 @@ VERDICT_ORDER = ("diverged", "dead_layer", "vanishing_gradients", "exploding_gra
                  "converged", "stalled", "learning")
 NO_VERDICT = "too_short"
 
-# Each verdict in words, for the run's last console line.
+# What each verdict means, said where a run has no evidence for it (too few steps, a record
+# without its findings); otherwise the finding's own detail says it with numbers.
 VERDICT_WORDS = {
-    "diverged": "the run diverged: a loss or gradient went non-finite",
-    "dead_layer": "a ReLU layer died: every unit outputs 0, so nothing below it learns",
-    "vanishing_gradients": "gradients vanish before they reach the first layer",
-    "exploding_gradients": "gradients exploded",
-    "dying_relu": "ReLU units are dying",
-    "converged": "the loss ended below the convergence threshold",
+    "diverged": "a loss or gradient went non-finite",
+    "dead_layer": "every unit of a ReLU layer outputs 0, so nothing below it learns",
+    "vanishing_gradients": "the first layer's gradient is tiny next to the last layer's",
+    "exploding_gradients": "the gradient norm grew far past its start",
+    "dying_relu": "a ReLU layer lost a large share of its units",
+    "converged": "the loss ended at or below the convergence threshold",
     "stalled": "the loss stopped improving",
-    "learning": "the loss fell and nothing went wrong, but it did not end below the convergence threshold",
+    "learning": "the loss fell but has not reached the convergence threshold",
     NO_VERDICT: "too few steps logged to judge",
 }
+
+# Findings whose `where` is a ReLU layer: "Also found" names their layers.
+_LAYER_CODES = ("dead_layer", "dying_relu")
 
 # A layer counts as dead on a step when its dead fraction is 1 up to float rounding.
 _ALL = 1.0 - 1e-9
@@ -192,36 +196,66 @@ def codes(findings: Sequence[Finding]) -> str:
 
 
 def in_words(record: Mapping) -> str:
-    """What a run did, in words, from its run.json fields: the verdict, what it means, its evidence,
-    then the final loss, the accuracy (classification) and the dead ReLU units (when there are any).
+    """What a run did, in one line, from its run.json fields: the verdict and its evidence, the other
+    findings, then the final loss, the accuracy (classification) and the dead ReLU units (when any).
 
     >>> in_words({"verdict": "stalled", "steps": 200, "final_loss": 0.69, "accuracy_final": None,
     ...           "findings": [{"code": "stalled", "detail": "flat"}],
     ...           "dead_fraction_final": 0.28, "dead_fraction_layers": {"1": 0.19, "3": 0.375}})
-    'stalled after 200 steps: the loss stopped improving (flat); final loss 0.69, 28% of ReLU units dead (layer 3: 38%)'
+    'stalled after 200 steps: flat. Final loss 0.69, 28% of ReLU units dead, worst layer 3 at 38%.'
     """
     name = record.get("verdict") or NO_VERDICT
-    evidence = next((f.get("detail") for f in record.get("findings") or []
-                     if isinstance(f, Mapping) and f.get("code") == name), None)
-    words = VERDICT_WORDS.get(name, name)
-    facts = [f"final loss {format_number(record.get('final_loss'))}"]
+    steps = record.get("steps") or 0
+    facts = [f"Final loss {format_number(record.get('final_loss'))}"]
     if is_finite(record.get("accuracy_final")):
         facts.append(f"accuracy {record['accuracy_final']:.1%}")
     dead, layers = record.get("dead_fraction_final"), record.get("dead_fraction_layers") or {}
     if is_finite(dead) and dead > 0:
-        worst = max(layers, key=lambda k: layers[k] if is_finite(layers[k]) else -1, default=None)
-        which = f" (layer {worst}: {layers[worst]:.0%})" if len(layers) > 1 and is_finite(layers[worst]) else ""
+        known = {k: v for k, v in layers.items() if is_finite(v)}
+        worst = max(known, key=known.get, default=None)
+        # One layer, or every layer alike: there is no worst one to name.
+        which = (f", worst layer {worst} at {known[worst]:.0%}"
+                 if len(layers) > 1 and worst is not None and min(known.values()) < known[worst] else "")
         facts.append(f"{dead:.0%} of ReLU units dead{which}")
-    return (f"{name} after {record.get('steps', 0)} steps: {words}{f' ({evidence})' if evidence else ''}; "
-            + ", ".join(facts))
+    return f"{name} after {steps} step{'' if steps == 1 else 's'}: {evidence(name, record.get('findings'))} " \
+           f"{', '.join(facts)}."
+
+
+def evidence(name: str, findings: Sequence[Finding | Mapping] | None) -> str:
+    """The evidence for verdict `name` (its first finding's detail, else what the verdict means), then
+    the codes of the other findings, as sentences: what the console line and summary.md say after it.
+
+    >>> evidence("diverged", [Finding("diverged", 12, "loss", "loss inf at step 12"),
+    ...                       Finding("exploding_gradients", 6, "0.weight", "..."),
+    ...                       Finding("dying_relu", 3, "1", "..."), Finding("dying_relu", 5, "3", "...")])
+    'loss inf at step 12. Also found: exploding_gradients; dying_relu in layers 1 and 3.'
+    """
+    found = [f.as_dict() if isinstance(f, Finding) else f for f in findings or [] if isinstance(f, Finding | Mapping)]
+    first = next((f for f in found if f.get("code") == name and f.get("detail")), None)
+    text = f"{first['detail'] if first else VERDICT_WORDS.get(name, name)}."
+    others: dict[str, list[str]] = {}
+    for f in found:
+        if f is not first and f.get("code"):
+            others.setdefault(str(f["code"]), []).append(str(f.get("where")))
+    named = [f"{code} in {_layers(wheres)}" if code in _LAYER_CODES else code for code, wheres in others.items()]
+    return f"{text} Also found: {'; '.join(named)}." if named else text
+
+
+def _layers(names: Sequence[str]) -> str:
+    """`layer 1`, `layers 1 and 3`, `layers 1, 3 and 9`."""
+    names = list(dict.fromkeys(names))
+    if len(names) == 1:
+        return f"layer {names[0]}"
+    return f"layers {', '.join(names[:-1])} and {names[-1]}"
 
 
 def as_markdown(findings: Sequence[Finding]) -> str:
-    """The findings as Markdown lines (TensorBoard's text plugin renders them)."""
+    """The findings as Markdown lines (TensorBoard's text plugin renders them): the verdict, then
+    each finding's code and detail (the detail names its step and where it happened)."""
     if not findings:
-        return f"**verdict: {NO_VERDICT}** ({VERDICT_WORDS[NO_VERDICT]})"
+        return f"**verdict: {NO_VERDICT}**: {VERDICT_WORDS[NO_VERDICT]}"
     lines = [f"**verdict: {verdict(findings)}**", ""]
-    lines += [f"- `{f.code}` at step {f.step} ({f.where}): {f.detail}" for f in findings]
+    lines += [f"- `{f.code}`: {f.detail}" for f in findings]
     return "\n".join(lines)
 
 
@@ -269,11 +303,11 @@ def _diverged(curves: Curves) -> list[Finding]:
     loss_steps, loss = curves.get(tags.LOSS)
     loss_text = ""
     if len(loss_steps) and step in loss_steps:
-        loss_text = f"; loss {_g(float(loss[np.searchsorted(loss_steps, step)]))}"
+        loss_text = f" with loss {_g(float(loss[np.searchsorted(loss_steps, step)]))}"
     if kinds[first] == 4:
         where = "loss"
         finite = np.isfinite(loss) & (loss_steps < step)
-        before = (f" (last finite loss {_g(float(loss[finite][-1]))} at step {int(loss_steps[finite][-1])})"
+        before = (f", last finite {_g(float(loss[finite][-1]))} at step {int(loss_steps[finite][-1])}"
                   if finite.any() else "")
         detail = f"loss {_g(float(loss[np.searchsorted(loss_steps, step)]))} at step {step}{before}"
     elif kinds[first] == 3:
@@ -281,14 +315,14 @@ def _diverged(curves: Curves) -> list[Finding]:
         detail = f"global gradient norm went non-finite at step {step}{loss_text}"
     else:
         where = tags.layer_of(name)
-        what = "gradient" if kinds[first] == 1 else "activations of layer"
+        what = "gradient of" if kinds[first] == 1 else "activations of layer"
         count = ""
         nonfinite = tags.grad(where, "nonfinite")
         if kinds[first] == 1 and nonfinite in curves:
             steps, values = curves.get(nonfinite)
             hit = values[steps == step]
             if len(hit) and hit[0] > 0:
-                count = f" ({int(hit[0])} non-finite values)"
+                count = f" ({int(hit[0])} value{'' if int(hit[0]) == 1 else 's'})"
         detail = f"{what} {where} went non-finite at step {step}{count}{loss_text}"
     return [Finding("diverged", step, where, detail)]
 
@@ -304,8 +338,10 @@ def _dead_layers(curves: Curves, end: int | None, units: Mapping[str, int]) -> l
         start = alive[-1] + 1 if len(alive) else 0
         since = int(steps[start])
         n = units.get(layer)
-        what = f"{n} of {n} units" if n else "all units"
-        detail = f"layer {layer}: {what} dead from step {since} ({_g(float(dead[0]))} at step {int(steps[0])})"
+        what = "the only unit" if n == 1 else f"all {n} units" if n else "all units"
+        detail = f"{what} of layer {layer} dead from step {since} to the end"
+        if since != int(steps[0]):
+            detail += f", {_pct(float(dead[0]))} dead at step {int(steps[0])}"
         found.append(Finding("dead_layer", since, layer, detail))
     return found
 
@@ -324,8 +360,8 @@ def _dying(curves: Curves, end: int | None, rise: float, dead_layers: set[str]) 
         if final - dead[0] < rise:
             continue
         since = int(steps[np.argmax(dead - dead[0] >= rise)]) if (dead - dead[0] >= rise).any() else int(steps[-1])
-        detail = (f"layer {layer}: dead fraction {_g(float(dead[0]))} at step {int(steps[0])} -> {_g(final)} "
-                  f"at the end (rose by {_g(final - float(dead[0]))}; first up by {_g(rise)} at step {since})")
+        detail = (f"dead units in layer {layer} rose from {_pct(float(dead[0]))} at step {int(steps[0])} to "
+                  f"{_pct(final)} ({_end(steps)}); the rise reached {_points(rise)} at step {since}")
         found.append(Finding("dying_relu", since, layer, detail))
     return found
 
@@ -353,8 +389,8 @@ def _vanishing(curves: Curves, end: int | None, ratio: float) -> list[Finding]:
     if median >= ratio:
         return []
     since = int(steps[np.argmax(ratios < ratio)])
-    detail = (f"{first} gradient norm is {median:.2g} x {last}'s (median over {len(ratios)} steps; "
-              f"below {ratio:g} from step {since})")
+    detail = (f"gradient norm of {first} is {median:.2g} x that of {last} (median of {len(ratios)} steps); "
+              f"the ratio is under {ratio:g} from step {since}")
     return [Finding("vanishing_gradients", since, first, detail)]
 
 
@@ -376,20 +412,30 @@ def _exploding(curves: Curves, end: int | None, factor: float) -> list[Finding]:
         hit = v[s == step]
         if len(hit) and hit[0] > largest:
             where, largest = param, float(hit[0])
-    detail = (f"global gradient norm {_g(value)} at step {step}, {value / base:.3g} x its step-{base_at} value "
-              f"{_g(base)} (largest: {where})")
+    detail = (f"global gradient norm reached {_g(value)} at step {step}, {value / base:.3g} x its step-{base_at} "
+              f"value of {_g(base)}" + (f"; largest in {where}" if where != "global_norm" else ""))
     return [Finding("exploding_gradients", step, where, detail)]
 
 
 def _threshold(loss: np.ndarray, limits: Thresholds) -> tuple[float, str]:
     """The convergence threshold of this curve, and how it was set (for a relative one)."""
     threshold = converge_threshold(float(loss[0]), limits.converge_below, limits.converge_relative)
-    return threshold, f" ({limits.converge_below:g} x the step-0 loss)" if limits.converge_relative else ""
+    return threshold, f" = {limits.converge_below:g} x the step-0 loss" if limits.converge_relative else ""
 
 
 def _end(steps: np.ndarray) -> str:
+    """How "the end" of a curve was read: the median of its last logged steps (`end_window`)."""
     n = end_window(len(steps))
-    return f"the end (median of the last {n} logged steps)" if n > 1 else f"step {int(steps[-1])}"
+    return f"median of the last {n} logged steps" if n > 1 else f"at step {int(steps[-1])}"
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction:.0%}"
+
+
+def _points(rise: float) -> str:
+    """A rise of a fraction, in percentage points: `25 points`."""
+    return f"{100 * rise:.3g} points"
 
 
 def _converged(curves: Curves, limits: Thresholds) -> list[Finding]:
@@ -403,8 +449,8 @@ def _converged(curves: Curves, limits: Thresholds) -> list[Finding]:
     if not at_end <= threshold:
         return []
     first = float(loss[np.searchsorted(steps, step)])
-    detail = (f"loss {_g(at_end)} at {_end(steps)}, at or below {_g(threshold)}{relative}; "
-              f"first there at step {step} ({_g(first)})")
+    detail = (f"loss ended at {_g(at_end)} ({_end(steps)}), at or below {_g(threshold)}{relative}; "
+              f"first there at step {step} with {_g(first)}")
     return [Finding("converged", step, "loss", detail)]
 
 
@@ -416,10 +462,10 @@ def _learning(curves: Curves, limits: Thresholds) -> list[Finding]:
     at_end = loss_at_end(loss)
     threshold, relative = _threshold(loss, limits)
     reached = steps_to_converge(steps, loss, limits.converge_below, limits.converge_relative)
-    where = (f"was at or below {_g(threshold)}{relative} at step {reached} but did not stay there"
+    where = (f"it was at or below {_g(threshold)}{relative} at step {reached} but did not stay there"
              if reached is not None else f"not yet at or below {_g(threshold)}{relative}")
-    detail = (f"loss {_g(float(loss[0]))} at step {int(steps[0])} -> {_g(at_end)} at {_end(steps)}, "
-              f"{1 - at_end / float(loss[0]):.1%} lower; {where}")
+    detail = (f"loss fell {1 - at_end / float(loss[0]):.1%} from {_g(float(loss[0]))} at step {int(steps[0])} "
+              f"to {_g(at_end)} ({_end(steps)}); {where}")
     return [Finding("learning", int(steps[-1]), "loss", detail)]
 
 
@@ -435,16 +481,17 @@ def _stalled(curves: Curves, improvement: float) -> list[Finding]:
     at_middle = float(np.median(loss[max(0, middle - w + 1):middle + 1]))
     at_end = float(np.median(loss[-w:]))
     if not at_end < float(loss[0]):
-        detail = (f"loss {_g(float(loss[0]))} at step {int(steps[0])} -> {_g(at_end)} at {_end(steps)}: "
-                  "no lower than at the start")
+        detail = (f"loss ended at {_g(at_end)} ({_end(steps)}), no lower than {_g(float(loss[0]))} "
+                  f"at step {int(steps[0])}")
         return [Finding("stalled", int(steps[0]), "loss", detail)]
     if not at_middle > 0:
         return []
     gained = (at_middle - at_end) / at_middle
     if gained >= improvement:
         return []
-    detail = (f"loss {_g(at_middle)} at step {int(steps[middle])} -> {_g(at_end)} at step {int(steps[-1])}: "
-              f"{gained:.1%} better over the last half (under {improvement:.0%})")
+    change = f"improved only {gained:.1%}" if gained >= 0 else f"rose {-gained:.1%}"
+    detail = (f"loss {change} over the last half, less than {improvement:.0%}: {_g(at_middle)} at step "
+              f"{int(steps[middle])}, {_g(at_end)} at step {int(steps[-1])} (medians of {w} logged steps)")
     return [Finding("stalled", int(steps[middle]), "loss", detail)]
 
 

@@ -356,7 +356,16 @@ def to_markdown(summary: Summary, folder: Path) -> str:
               numbers.to_markdown(readable_grouped(summary)) if len(summary.grouped) else "(none)", "",
               "## Per run", "", f"Every column, with the full run folder names, in {CSV_FILE}.", "",
               numbers.to_markdown(readable_runs(summary)), ""]
+    if len(summary.runs):
+        lines += ["## Each run's verdict and its evidence", "", *verdict_lines(summary), ""]
     return "\n".join(lines)
+
+
+def verdict_lines(summary: Summary) -> list[str]:
+    """One Markdown line per run: its number, its verdict and the evidence, as the run's console line
+    words them (`findings.evidence`), e.g. `- **001** diverged: loss inf at step 12, last finite ...`."""
+    return [f"- **{short_name(run_dir)}** {name}: {fx.evidence(name, summary.findings.get(run_dir))}"
+            for run_dir, name in zip(summary.runs["run_dir"], summary.runs["verdict"], strict=True)]
 
 
 def write_summary(folder: Path, converge_below: float | None = None, relative: bool | None = None) -> Summary:
