@@ -152,7 +152,7 @@ def environment(trainer: pl.Trainer) -> dict:
 
 def relu_widths(model: torch.nn.Module) -> dict[str, int]:
     """{ReLU layer: its unit count} where the module just before it in its container says
-    (`out_features`, `out_channels`), for the findings' `16 of 16 units dead`."""
+    (`out_features`, `out_channels`), for the findings' `all 16 units of layer 1 dead`."""
     from gradwatch.telemetry.callback import relu_layers
 
     modules = dict(model.named_modules())
