@@ -129,7 +129,8 @@ def test_a_converged_run_is_not_stalled_however_flat_its_end():
 def test_diverged_on_the_loss_alone_names_the_loss():
     result = found({"train/loss": [1.0, 2.0, math.inf, math.nan], "grad/0.weight/norm": [1.0, 2.0, 3.0, 4.0],
                     "grad/0.weight/nonfinite": [0, 0, 0, 0]})
-    assert result["diverged"] == [Finding("diverged", 2, "loss", "loss inf at step 2, last finite 2 at step 1")]
+    assert result["diverged"] == [
+        Finding("diverged", 2, "loss", "loss went non-finite at step 2, last finite 2 at step 1")]
     assert "converged" not in result and "stalled" not in result
 
 
@@ -145,6 +146,11 @@ def test_diverged_names_the_first_parameter_in_network_order_that_went_nonfinite
     curves["grad/10.weight/norm"][1], curves["grad/10.weight/nonfinite"][1] = 1.0, 0
     (diverged,) = found(curves)["diverged"]
     assert (diverged.step, diverged.where) == (2, "0.weight")  # both at step 2: the first in the network
+
+
+def test_a_nonfinite_number_in_a_detail_is_spelled_nan():
+    (diverged,) = found({"train/loss": [1.0, math.inf], "grad/global_norm": [1.0, math.inf]})["diverged"]
+    assert diverged.detail == "global gradient norm went non-finite at step 1 with loss nan"
 
 
 def test_a_nonfinite_gradient_statistic_counts_without_a_nonfinite_count():

@@ -33,16 +33,8 @@ def safe_dirname(text: str) -> str:
     return name
 
 
-def run_dirname(number: object, overrides: str) -> str:
-    """A sweep run's folder name: its number (zero-padded: unique, and the folders sort in run
-    order), then the overrides that tell it apart from the sweep's other runs, if any.
-
-    >>> run_dirname(7, "model=mlp,optimizer.lr=0.1"), run_dirname(0, "")
-    ('007_model=mlp,optimizer.lr=0.1', '000')
-    """
-    return f"{padded(number)}_{safe_dirname(overrides)}" if overrides else padded(number)
-
-
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("gw_run_name"):
-        OmegaConf.register_new_resolver("gw_run_name", run_dirname)
+    if not OmegaConf.has_resolver("gw_safe"):
+        OmegaConf.register_new_resolver("gw_safe", safe_dirname)
+    if not OmegaConf.has_resolver("gw_padded"):
+        OmegaConf.register_new_resolver("gw_padded", padded)

@@ -225,10 +225,10 @@ def evidence(name: str, findings: Sequence[Finding | Mapping] | None) -> str:
     """The evidence for verdict `name` (its first finding's detail, else what the verdict means), then
     the codes of the other findings, as sentences: what the console line and summary.md say after it.
 
-    >>> evidence("diverged", [Finding("diverged", 12, "loss", "loss inf at step 12"),
+    >>> evidence("diverged", [Finding("diverged", 12, "loss", "loss went non-finite at step 12"),
     ...                       Finding("exploding_gradients", 6, "0.weight", "..."),
     ...                       Finding("dying_relu", 3, "1", "..."), Finding("dying_relu", 5, "3", "...")])
-    'loss inf at step 12. Also found: exploding_gradients; dying_relu in layers 1 and 3.'
+    'loss went non-finite at step 12. Also found: exploding_gradients; dying_relu in layers 1 and 3.'
     """
     found = [f.as_dict() if isinstance(f, Finding) else f for f in findings or [] if isinstance(f, Finding | Mapping)]
     first = next((f for f in found if f.get("code") == name and f.get("detail")), None)
@@ -272,7 +272,8 @@ def diagnose_run(run_dir: Path, thresholds: Thresholds | None = None,
 # --- one function per code ---------------------------------------------------------------------
 
 def _g(value: float) -> str:
-    return f"{value:.3g}"
+    """A number in a detail: 3 significant digits, `nan` when not finite (numbers.py's one spelling)."""
+    return format_number(value, ".3g")
 
 
 def _diverged(curves: Curves) -> list[Finding]:
@@ -309,7 +310,7 @@ def _diverged(curves: Curves) -> list[Finding]:
         finite = np.isfinite(loss) & (loss_steps < step)
         before = (f", last finite {_g(float(loss[finite][-1]))} at step {int(loss_steps[finite][-1])}"
                   if finite.any() else "")
-        detail = f"loss {_g(float(loss[np.searchsorted(loss_steps, step)]))} at step {step}{before}"
+        detail = f"loss went non-finite at step {step}{before}"
     elif kinds[first] == 3:
         where = "global_norm"
         detail = f"global gradient norm went non-finite at step {step}{loss_text}"
