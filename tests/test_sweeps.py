@@ -47,6 +47,23 @@ def test_sweep_has_one_row_per_run_and_swept_keys_as_columns(basic_sweep):
         assert "/" not in run_dir and ":" not in run_dir and (sweep / run_dir / "run.json").exists()
 
 
+def test_run_folders_are_named_by_what_tells_the_runs_apart(basic_sweep):
+    result, sweep = basic_sweep
+    # dataset=line_2x and trainer.max_steps=15 are the same in every run: left out of the names.
+    expected = [f"{n:03d}_model={model},optimizer.lr={lr},seed={seed}" for n, (model, lr, seed) in enumerate(
+        (m, lr, s) for m in ("linear", "mlp") for lr in ("0.05", "1e+30") for s in (0, 1))]
+    assert sorted(p.name for p in sweep.iterdir() if (p / "run.json").exists()) == expected
+    hydra_overrides = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["overrides"]["hydra"]
+    assert "hydra.job.config.override_dirname.exclude_keys=['dataset','trainer.max_steps']" in hydra_overrides
+    # Each run keeps all its overrides in its record and its .hydra folder.
+    for name in expected:
+        overrides = yaml.safe_load((sweep / name / ".hydra" / "overrides.yaml").read_text())
+        assert strict_json(sweep / name / "run.json")["overrides"] == overrides
+        assert {"dataset=line_2x", "trainer.max_steps=15"} <= set(overrides)
+    lines = [line.split()[1] for line in result.stdout.splitlines() if re.match(r"\[\d+/", line)]
+    assert lines == [name.split("_", 1)[1] for name in expected]
+
+
 def _tb_folder(folder: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
@@ -103,7 +120,8 @@ def test_diverging_setting_is_marked_while_others_complete(basic_sweep):
     for run_dir, verdict in zip(table["run_dir"], table["verdict"], strict=True):
         record = strict_json(sweep / run_dir / "run.json")
         assert record["verdict"] == verdict
-        (line,) = [line for line in lines if line.split()[1] == ",".join(record["overrides"])]
+        # A line names its run as its folder does (what tells it apart from the others).
+        (line,) = [line for line in lines if line.split()[1] == run_dir.split("_", 1)[1]]
         assert f"  {record['status']}  {verdict}  final_loss=" in line
     assert set(table.loc[diverging, "verdict"]) == {"diverged"}
     # The files the summary wrote are the ones it names.
@@ -212,6 +230,9 @@ def test_two_sweeps_in_the_same_second_never_share_a_folder(tmp_path):
     sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     assert len(sweeps) == 2
     assert all(len(pd.read_csv(s / "summary.csv")) == 1 for s in sweeps)
+    # A sweep of one run: no key varies, so its folder keeps every override.
+    assert all(pd.read_csv(s / "summary.csv")["run_dir"].tolist() == ["000_model=linear,trainer.max_steps=3"]
+               for s in sweeps)
 
 
 def test_run_json_is_valid_for_every_run(basic_sweep):

@@ -45,28 +45,26 @@ def count_jobs(config: DictConfig) -> int | None:
     return total
 
 
-def shared_keys(config: DictConfig) -> list[str]:
-    """The keys a sweep gives one value in every run (`experiment=...`, a `trainer.max_steps=...`
-    that sweeps nothing): they tell no run apart from another."""
-    try:
-        return sorted(key for key, override in _sweep_overrides(config).items() if not override.is_sweep_override())
-    except Exception:  # noqa: BLE001 - overrides Hydra refuses fail the sweep itself, with Hydra's message
-        return []
-
-
 def name_runs_by_differences(config: DictConfig) -> None:
-    """Leave the sweep's shared keys out of its run folders' names (`hydra.job.override_dirname`),
-    so that `000_experiment=study_lr_convergence,model=linear,...` reads `000_model=linear,...`.
+    """Leave the keys a sweep gives one value in every run (`experiment=...`, a `trainer.max_steps=...`
+    that sweeps nothing) out of its run folders' names (`hydra.job.override_dirname`), so that
+    `000_experiment=study_lr_convergence,model=linear,...` reads `000_model=linear,...`. When no key
+    varies (a sweep of one run) the names keep every override.
 
     Hydra composes each run's config anew from the sweep's Hydra overrides plus the run's own
     (in the launcher's process or a worker's), so the keys are added there as
     `hydra.job.config.override_dirname.exclude_keys`, next to any the user excluded; the sweep's
     `multirun.yaml` and each run's `.hydra/hydra.yaml` show it.
     """
-    naming = config.hydra.job.config.override_dirname
-    excluded = list(dict.fromkeys([*naming.exclude_keys, *shared_keys(config)]))
-    if excluded == list(naming.exclude_keys):
+    try:
+        by_key = _sweep_overrides(config)
+    except Exception:  # noqa: BLE001 - overrides Hydra refuses fail the sweep itself, with Hydra's message
         return
+    shared = sorted(key for key, override in by_key.items() if not override.is_sweep_override())
+    if len(shared) in (0, len(by_key)):
+        return
+    naming = config.hydra.job.config.override_dirname
+    excluded = list(dict.fromkeys([*naming.exclude_keys, *shared]))
     quoted = ",".join(f"'{key}'" for key in excluded)
     with read_write(config.hydra):
         naming.exclude_keys = excluded
