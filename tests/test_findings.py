@@ -77,6 +77,9 @@ def test_learning_when_nothing_holds_and_the_loss_fell():
     assert learning.detail == (f"loss fell {1 - end:.1%} from 1 at step 0 to {end:.3g} (median of the last 3 "
                                "logged steps); not yet at or below 0.001")
     assert verdict(diagnose(frame({"train/loss": loss}), LIMITS)) == "learning"
+    # A fall short of 100% is never rounded up to it.
+    (learning,) = found({"train/loss": [100.0, 0.01, 0.01, 0.01]})["learning"]
+    assert learning.detail.startswith("loss fell 99.99% from 100 at step 0 to 0.01 ")
 
 
 def test_a_loss_that_ends_no_lower_than_it_started_is_stalled_whatever_the_last_half_did():

@@ -434,6 +434,19 @@ def _pct(fraction: float) -> str:
     return f"{fraction:.0%}"
 
 
+def _share(fraction: float) -> str:
+    """A share to one decimal, with more where that would round a share below 1 up to 100.0%.
+
+    >>> _share(0.8994), _share(0.99954), _share(1.0)
+    ('89.9%', '99.95%', '100.0%')
+    """
+    for digits in range(1, 6):
+        text = f"{fraction:.{digits}%}"
+        if fraction >= 1 or not text.startswith("100."):
+            break
+    return text
+
+
 def _points(rise: float) -> str:
     """A rise of a fraction, in percentage points: `25 points`."""
     return f"{100 * rise:.3g} points"
@@ -465,7 +478,7 @@ def _learning(curves: Curves, limits: Thresholds) -> list[Finding]:
     reached = steps_to_converge(steps, loss, limits.converge_below, limits.converge_relative)
     where = (f"it was at or below {_g(threshold)}{relative} at step {reached} but did not stay there"
              if reached is not None else f"not yet at or below {_g(threshold)}{relative}")
-    detail = (f"loss fell {1 - at_end / float(loss[0]):.1%} from {_g(float(loss[0]))} at step {int(steps[0])} "
+    detail = (f"loss fell {_share(1 - at_end / float(loss[0]))} from {_g(float(loss[0]))} at step {int(steps[0])} "
               f"to {_g(at_end)} ({_end(steps)}); {where}")
     return [Finding("learning", int(steps[-1]), "loss", detail)]
 
