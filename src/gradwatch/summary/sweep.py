@@ -194,6 +194,8 @@ class SweepCallback(Callback):
     """Hydra callback: announces the sweep, prints one line per finished run (from its run.json,
     in run order), and writes the sweep summary (CSV, Markdown, plots) and the mean over seeds per
     setting into the sweep folder when the sweep ends, then says how to open it in TensorBoard.
+    Run folders and lines are named by what tells the runs apart (`name_runs_by_differences`); an
+    interrupted sweep leaves only its runs and says how to summarise them (`_Interruption`).
     (Each run sets its own torch threads from its config, whatever the launcher.)
 
     Configured in conf/train.yaml under `hydra.callbacks`. The sweep exits non-zero when a run failed.
