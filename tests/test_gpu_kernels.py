@@ -264,10 +264,13 @@ def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             assert compiled.asm["cubin"], function.__name__
-        for dtype in pointer:
-            build(gpu._gradient_chunks, {"DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK}, gpu.GRADIENT_WARPS)
-            build(gpu._change_chunks, {"CARRY": True, "DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK},
-                  kept=pointer[dtype])
+        # stride and base: int32 as triton passes small ints, int64 past 2^31 chunks' columns.
+        for dtype, width in zip(pointer, ["i32", "i64", "i32", "i64"]):
+            build(gpu._gradient_chunks, {"DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK}, gpu.GRADIENT_WARPS,
+                  stride=width, base=width)
+            for carry in (False, True):
+                build(gpu._change_chunks, {"CARRY": carry, "DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK},
+                      kept=pointer[dtype], stride=width, base=width)
         build(gpu._gradient_merge, {"BLOCK": gpu.MERGE_BLOCK})
         build(gpu._change_merge, {"BLOCK": gpu.MERGE_BLOCK})
         print("built")
@@ -390,8 +393,9 @@ def test_the_callback_logs_through_the_device_kernels_what_the_cpu_kernels_log(t
             return _run(self, *args, **kwargs)
         monkeypatch.setattr(kind, "__call__", counted)
     got = fit_and_read(tmp_path, "device_kernels")
-    # Each step on the device kernels: the statistics and the update ratio (and the first launch of each).
-    assert calls.count("GradientSums") == 3 and calls.count("UpdateNorms") == 4
+    # Each step on the device kernels: the statistics and the update ratio; the update ratio's
+    # two kernels (with and without carry) also run once when its copy is first made.
+    assert calls.count("GradientSums") == 3 and calls.count("UpdateNorms") == 3 + 2
     compared = [t for t in expected if t.startswith(("grad/", "update/"))]
     assert len(compared) == 4 * len(STATS) + 1 + 4  # 4 parameters, the global norm, 4 update ratios
     for tag in compared:
@@ -430,3 +434,35 @@ def test_kernels_that_fail_to_launch_after_others_ran_fall_back_and_numbers_made
         assert table[i].tolist() == pytest.approx(reference(grad), rel=1e-6)
     expected = [reference_ratio(b, a) for b, a in zip(weights, after, strict=True)]
     assert finish(np.asarray(values.cpu())).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_an_update_ratio_kernel_that_fails_to_build_with_carry_falls_back_before_the_step(monkeypatch, caplog):
+    # Both variants of the update ratio's kernel (with and without `carry`) are built at the
+    # first `before`: one that cannot be built there means torch operations from the start, and
+    # a later `pending(..., carry=True)` does not fail in the middle of a step.
+    monkeypatch.setattr(stats, "HOST_KERNELS", False)
+    monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
+    monkeypatch.setattr(stats, "_gpu", None)
+    built = gpu.UpdateNorms.__call__
+
+    def no_carry_variant(self, params, carry=False):
+        if carry:
+            raise RuntimeError("PassManager::run failed")
+        return built(self, params, carry)
+
+    monkeypatch.setattr(gpu.UpdateNorms, "__call__", no_carry_variant)
+    torch.manual_seed(9)
+    weights = on(torch.randn(30, 4), torch.randn(4))
+    ratio = stats.UpdateRatio([w.numel() for w in weights])
+    with caplog.at_level("WARNING"):
+        kept = ratio.before(weights)
+    assert not isinstance(kept, gpu.UpdateNorms)
+    assert [r.getMessage() for r in caplog.records if "Triton kernels unavailable" in r.getMessage()] == [
+        "gradient statistics: Triton kernels unavailable (RuntimeError: PassManager::run failed); "
+        "using torch operations"]
+    for scale in (1.25, 0.5):
+        after = [w * scale for w in weights]
+        values, finish = ratio.pending(kept, after, carry=True)
+        expected = [reference_ratio(b, a) for b, a in zip(weights, after, strict=True)]
+        assert finish(np.asarray(values.cpu())).tolist() == pytest.approx(expected, rel=1e-12)
+        weights, kept = after, ratio.before(after, reuse=True)

@@ -112,12 +112,13 @@ if triton is not None:
             offsets = s + tl.arange(0, BLOCK)
             valid = offsets < stop
             x = tl.load(x_at + offsets, mask=valid, other=0).to(tl.float64)
-            # A lane's values so far, this one included: the same for every lane that loads one.
-            seen = ((s - start) // BLOCK + 1).to(tl.float64)
+            # 1 / a lane's values so far, this one included: the same for every lane that loads
+            # one, so one scalar division a block instead of a float64 division per value.
+            inverse = 1.0 / ((s - start) // BLOCK + 1).to(tl.float64)
             count += valid.to(tl.float64)
             total += x
             deviation = x - mean
-            mean += tl.where(valid, deviation / seen, 0.0)
+            mean += tl.where(valid, deviation * inverse, 0.0)
             centred += tl.where(valid, deviation * (x - mean), 0.0)
             squares += x * x
             magnitude = tl.abs(x)

@@ -637,7 +637,9 @@ class UpdateRatio:
         kept = entry[1].keep(params)
         if new:
             self._device = None  # the last layout's copy of the weights goes first
-            if _first_launch(kept, params) is None:  # the kernels built and run once (they change nothing)
+            # Both kernels built and run once (the weights equal their copy: they change nothing),
+            # so that a compile failure of either falls back here, not in a later step.
+            if _first_launch(lambda: (kept(params), kept(params, carry=True))) is None:
                 return None
             self._device = entry
         return kept
