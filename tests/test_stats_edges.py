@@ -138,6 +138,34 @@ def test_convolution_channels_are_units_and_calls_concatenate():
     assert rows[0, 0] == 0.0
 
 
+def test_calls_counted_apart_as_on_a_gpu_make_no_concatenated_copy(monkeypatch):
+    # A block's ReLU called twice (as in a ResNet): where the outputs are counted in place (a
+    # GPU), each call is counted where it lies and the per-unit counts added; the numbers equal
+    # those of the calls concatenated, and no copy of the outputs is made.
+    from gradwatch.telemetry.dispatch_count import TorchOps
+
+    torch.manual_seed(5)
+    first = torch.relu(torch.randn(6, 5, 4, 4))
+    second = torch.relu(torch.randn(6, 5, 4, 4))
+    first[:, 1], second[:, 1] = 0, 0  # channel 1 dead in both calls
+    second[:, 3] = 0  # channel 3 fires in the first call only: alive
+    other = [torch.relu(torch.randn(2, 5, 3, 3)), torch.relu(torch.randn(1, 5, 2, 2))]  # positions differ
+    outputs = [(first, second), tuple(other)]
+    expected = activation_stats([stats.unit_view(list(o)) for o in outputs])
+    monkeypatch.setattr(stats, "HOST_KERNELS", False)
+    monkeypatch.setattr(stats, "SIGN_BUFFER_DEVICES", frozenset())
+    counter = ActivationStats([stats.unit_shape(o) for o in outputs])
+    assert [stats.unit_shape(o) for o in outputs] == [(12, 5, 16), (1, 5, 22)]
+    with TorchOps() as ops:
+        rows, fired = counter(outputs)
+    assert rows.tolist() == expected[0].tolist() and fired.tolist() == expected[1].tolist()
+    assert rows[0].tolist() == [1 / 5, ((first == 0).sum() + (second == 0).sum()).item() / (2 * first.numel())]
+    # Made: a boolean per output value, one call at a time (each freed at once), and per-unit
+    # counts; the calls concatenated would make a float32 copy of them all (4 bytes a value).
+    booleans = sum(call.numel() for call in (first, second, *other))
+    assert booleans < ops.bytes <= booleans + 1024
+
+
 @pytest.mark.usefixtures("path")
 def test_update_ratio_equals_the_weights_change():
     w = [torch.randn(50, 40), torch.randn(40), torch.zeros(3), torch.randn(1)]

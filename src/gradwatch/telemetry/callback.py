@@ -28,7 +28,14 @@ from gradwatch.storage.names import JoinedNames
 from gradwatch.telemetry import tags
 from gradwatch.telemetry.distributed import combine_unit_counts, world
 from gradwatch.telemetry.recorder import Readback, StepRecorder, on_host
-from gradwatch.telemetry.stats import ActivationStats, GradientStats, UpdateRatio, unit_view
+from gradwatch.telemetry.stats import (
+    ActivationStats,
+    GradientStats,
+    UpdateRatio,
+    counts_calls_apart,
+    unit_shape,
+    unit_view,
+)
 
 log = logging.getLogger(__name__)
 
@@ -573,24 +580,28 @@ class GradientTelemetry(pl.Callback):
             if changed:
                 present = tuple(i for i in present if i not in changed)
                 outputs = [outputs[i] for i in present]
+            shapes = tuple(map(_SHAPE, outputs))
         else:
             changed = self._changed_in_place()
             present = tuple(i for i, made in enumerate(calls) if made and i not in changed)
-            # One call: its output as it is; several: concatenated (`unit_view`).
-            outputs = [calls[i][0] if len(calls[i]) == 1 else unit_view(calls[i]) for i in present]
+            # One call: its output as it is; several: on a GPU the calls as they are, each counted
+            # where it lies, on the CPU concatenated (`unit_view`) for the counts.
+            apart = bool(present) and counts_calls_apart(calls[present[0]][0].device)
+            outputs = [calls[i][0] if len(calls[i]) == 1 else tuple(calls[i]) if apart else unit_view(calls[i])
+                       for i in present]
+            shapes = tuple(map(unit_shape, outputs))
         if changed:
             self._say_changed(changed)
         if not present:
             return
-        key = (present, tuple(map(_SHAPE, outputs)))
+        key = (present, shapes)
         if key == self._last_act[0]:  # the last step's layers and shapes: no hashing of ~49 shapes
             entry = self._last_act[1]
         else:
             entry = self._act_stats.get(key)
             if entry is None:
                 act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
-                entry = self._act_stats[key] = (ActivationStats([tuple(o.shape) for o in outputs]), act_tags,
-                                                list(present))
+                entry = self._act_stats[key] = (ActivationStats(list(shapes)), act_tags, list(present))
             self._last_act = key, entry
         stats, act_tags, present = entry
         # The units that fired earlier in this epoch, if any (None: a new epoch, or a checkpoint

@@ -744,6 +744,49 @@ def unit_view(calls: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.transpose(0, 1).reshape(1, v.shape[1], -1) for v in views], dim=2)
 
 
+def unit_shape(calls: torch.Tensor | Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The shape of `unit_view(calls)` without making it (a single tensor's own shape).
+
+    >>> unit_shape([torch.zeros(4, 3, 5, 5), torch.zeros(2, 3, 5, 5)])
+    (6, 3, 25)
+    """
+    if isinstance(calls, torch.Tensor):
+        return tuple(calls.shape)
+    views = [ActivationStats._view_shape(tuple(o.shape)) for o in calls]
+    if len(views) == 1:
+        return views[0]
+    if len({v[1:] for v in views}) == 1:
+        return (sum(v[0] for v in views), *views[0][1:])
+    return 1, views[0][1], sum(samples * positions for samples, _, positions in views)
+
+
+def counts_calls_apart(device: torch.device) -> bool:
+    """Whether a layer's several calls are counted each where it lies and their per-unit counts
+    added (devices without the sign buffers: a GPU), rather than concatenated into one tensor
+    (`unit_view`) first, which the CPU's counts need."""
+    return device.type not in SIGN_BUFFER_DEVICES
+
+
+def _nonzero_per_unit(output: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Per unit, the outputs > 0 of a layer (NaN is not a firing), or of each of its calls added
+    up: each output counted where it lies, through a boolean of its size freed at once."""
+    if isinstance(output, torch.Tensor):
+        return (unit_view(output) > 0).sum(dim=(0, 2), dtype=dtype)
+    counts = [(unit_view(call) > 0).sum(dim=(0, 2), dtype=dtype) for call in output]
+    return counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0, dtype=dtype)
+
+
+def _first(outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> torch.Tensor:
+    return outputs[0] if isinstance(outputs[0], torch.Tensor) else outputs[0][0]
+
+
+def _joined(outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> list:
+    """`outputs` with each layer's several calls concatenated (`unit_view`) where the counts need
+    one tensor (not `counts_calls_apart`), else as they are."""
+    apart = counts_calls_apart(_first(outputs).device)
+    return [o if isinstance(o, torch.Tensor) or apart else unit_view(o) for o in outputs]
+
+
 class ActivationStats:
     """Per layer: (dead_fraction, zero_fraction) rows, and a per-unit `fired` mask.
 
@@ -852,9 +895,11 @@ class ActivationStats:
         `outputs` and `combine` as in `__call__`; `fired`: the units that fired earlier in the
         epoch (`unit_total` of them), included in the `fired` returned (on the CPU kernels' path
         OR-ed in place, when it is a CPU bool vector). `checked`: the outputs are tensors of the
-        shapes this was made for. The values are valid until the next call."""
-        tensors = outputs if checked else [o if isinstance(o, torch.Tensor) else unit_view(o) for o in outputs]
-        addresses = None if combine is not None else _host_addresses(tensors, self._given, checked)
+        shapes this was made for, or where calls are counted apart (`counts_calls_apart`: a GPU) a
+        layer's calls, of the `unit_shape` it was made for. The values are valid until the next call."""
+        tensors = outputs if checked else _joined(outputs)
+        addresses = (None if combine is not None or counts_calls_apart(_first(tensors).device)
+                     else _host_addresses(tensors, self._given, checked))
         if addresses is None:
             counts, now = self.counts(tensors, combine)
             return counts, self.finish, now if fired is None else fired.to(now.device) | now
@@ -881,8 +926,8 @@ class ActivationStats:
         `combine` (distributed runs) maps this process's per-unit non-zero counts (layers, units)
         to the global batch's, `(counts, copies)`: summed over the processes, whose `copies`
         shards make the global batch. A unit fired if it fired on any process."""
-        tensors = [o if isinstance(o, torch.Tensor) else unit_view(o) for o in outputs]
-        device = tensors[0].device
+        tensors = _joined(outputs)
+        device = _first(tensors).device
         unit_order = self._constants(device)[1]
         out, slots = self._counts_buffer(device)
         fired_parts = []
@@ -896,11 +941,11 @@ class ActivationStats:
                 # unit fired iff its count is > 0.
                 per_unit = signs.sum(dim=1 if signs.dim() == 3 else (1, 3), dtype=_count_dtype(size))  # (L, U)
             else:
-                # Elsewhere (a GPU) each output is counted where it lies (> 0: NaN is not a firing,
-                # as its sign is 0), through a boolean the size of one layer's output that is freed
-                # at once, instead of a buffer kept across steps the size of every layer's output.
-                per_unit = torch.stack([(unit_view(tensors[i]) > 0).sum(dim=(0, 2), dtype=_count_dtype(size))
-                                        for i in idx])  # (L, U)
+                # Elsewhere (a GPU) each output, and each call of a layer called several times, is
+                # counted where it lies (`_nonzero_per_unit`): no buffer kept across steps the size
+                # of every layer's output, and no concatenated copy of a layer's calls.
+                dtype = _count_dtype(size)
+                per_unit = torch.stack([_nonzero_per_unit(tensors[i], dtype) for i in idx])  # (L, U)
             if combine is not None:
                 per_unit, self._copies = combine(per_unit)
             fired = per_unit > 0
@@ -954,4 +999,4 @@ class ActivationStats:
 
 def activation_stats(outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """`ActivationStats` for one list of layer outputs (or of each layer's calls)."""
-    return ActivationStats([tuple(unit_view(o).shape) for o in outputs])(outputs)
+    return ActivationStats([unit_shape(o) for o in outputs])(outputs)
