@@ -70,8 +70,10 @@ def test_interrupt_then_resume_gives_the_uninterrupted_curve(tmp_path, reference
     assert proc.returncode == code, err
 
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "interrupted" and record["error"].startswith("interrupted at step")
     stopped = record["steps"]
+    assert record["status"] == "interrupted"
+    assert record["error"] == f"interrupted at step {stopped} ({sig.name})"  # the signal, not Lightning's exception
+    assert f"gradwatch: interrupted at step {stopped} ({sig.name})" in err
     assert 75 <= stopped < STEPS
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == stopped

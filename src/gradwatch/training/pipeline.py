@@ -344,11 +344,12 @@ def _fit(prepared: _Prepared, record: RunRecord, sigterm: SigtermGuard):
             status = "interrupted"
             code = EXIT_SIGTERM if prepared.stop.signal == signal.SIGTERM else EXIT_SIGINT
             error = f"interrupted at step {trainer.global_step} ({signal.Signals(prepared.stop.signal).name})"
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException.
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException: the line
+        # names the signal, not the exception that carried it.
         status = "interrupted"
         code = EXIT_SIGTERM if trainer.received_sigterm or sigterm.received else EXIT_SIGINT
-        error = f"interrupted at step {trainer.global_step} ({type(exc).__name__})"
+        error = f"interrupted at step {trainer.global_step} ({'SIGTERM' if code == EXIT_SIGTERM else 'SIGINT'})"
     except Exception as exc:  # noqa: BLE001 - a failing run is recorded, never takes its sweep down
         status, code = "failed", EXIT_FAILED
         error = _log_failure(exc, RunPaths(record.path.parent))
