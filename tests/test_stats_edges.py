@@ -164,6 +164,13 @@ def test_calls_counted_apart_as_on_a_gpu_make_no_concatenated_copy(monkeypatch):
     # counts; the calls concatenated would make a float32 copy of them all (4 bytes a value).
     booleans = sum(call.numel() for call in (first, second, *other))
     assert booleans < ops.bytes <= booleans + 1024
+    # Outputs in channels-last layout are counted as they lie too: the same numbers, no copy.
+    last = [(first.to(memory_format=torch.channels_last), second.to(memory_format=torch.channels_last)),
+            tuple(o.to(memory_format=torch.channels_last) for o in other)]
+    with TorchOps() as ops:
+        rows, fired = counter(last)
+    assert rows.tolist() == expected[0].tolist() and fired.tolist() == expected[1].tolist()
+    assert booleans < ops.bytes <= booleans + 1024
 
 
 @pytest.mark.usefixtures("path")

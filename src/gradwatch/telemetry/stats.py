@@ -769,11 +769,16 @@ def counts_calls_apart(device: torch.device) -> bool:
 
 def _nonzero_per_unit(output: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Per unit, the outputs > 0 of a layer (NaN is not a firing), or of each of its calls added
-    up: each output counted where it lies, through a boolean of its size freed at once."""
-    if isinstance(output, torch.Tensor):
-        return (unit_view(output) > 0).sum(dim=(0, 2), dtype=dtype)
-    counts = [(unit_view(call) > 0).sum(dim=(0, 2), dtype=dtype) for call in output]
-    return counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0, dtype=dtype)
+    up: each output counted where it lies, through a boolean of its size freed at once, reduced
+    over every dimension but the units' in its own memory layout (a channels-last output is not
+    copied into `unit_view`'s layout)."""
+    if not isinstance(output, torch.Tensor):
+        counts = [_nonzero_per_unit(call, dtype) for call in output]
+        return counts[0] if len(counts) == 1 else torch.stack(counts).sum(dim=0, dtype=dtype)
+    fired = output > 0
+    if output.dim() == 1:  # one sample: every value is a unit
+        return fired.to(dtype)
+    return fired.sum(dim=(0, *range(2, output.dim())), dtype=dtype)
 
 
 def _first(outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> torch.Tensor:
