@@ -62,28 +62,45 @@ def combine_unit_counts(per_unit: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class StopTogether(pl.Callback):
-    """Ctrl-C or SIGTERM in a distributed run: every process stops at the end of the same step.
+    """Ctrl-C, or SIGTERM in a distributed run: training stops at the end of the step, in every
+    process at the same step.
 
-    A signal that raised in one process while another waits in a collective (the gradient
-    all-reduce, the loss mean) would leave that one waiting forever. Here a signal only sets a
-    flag; at the end of each step the processes agree (any of them flagged) and Lightning stops
-    them all there, so the checkpoint, the logs and run.json end on the same step. One-process
-    runs keep the usual handling (nothing is installed).
+    A KeyboardInterrupt raised wherever the signal lands could stop a step half done (the
+    weights updated, the step not counted, some parameters stepped and others not), and the
+    checkpoint saved then would resume to other numbers than an uninterrupted run; in a
+    distributed run, a signal that raised in one process while another waits in a collective
+    (the gradient all-reduce, the loss mean) would leave that one waiting forever. Here a signal
+    only sets a flag; at the end of each step the processes agree (any of them flagged) and
+    Lightning stops them all there, so the checkpoint, the logs and run.json end on the same
+    step. A second Ctrl-C in a one-process run stops at once (KeyboardInterrupt; `LastCheckpoint`
+    then keeps its last checkpoint rather than one of a step half done). A one-process run's
+    SIGTERM keeps its own handling (Lightning stops at the next step's start).
     """
 
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
+        self._together = False  # several processes: they agree at each step's end
 
     def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT and not self._together:
+            raise KeyboardInterrupt  # Ctrl-C again: the user will not wait for the step to end
         self.signal = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._together = trainer.world_size > 1
+        signals = (signal.SIGINT, signal.SIGTERM) if self._together else (signal.SIGINT,)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # ignored by the shell (a background job)
+            signals = signals[1:]
+        self._previous = {sig: signal.signal(sig, self._note) for sig in signals}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._previous and trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False):
+        if not self._previous:
+            return
+        if (trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False) if self._together
+                else self.signal is not None):
             trainer.should_stop = True
             self.signal = self.signal or signal.SIGINT  # another process was signalled
 

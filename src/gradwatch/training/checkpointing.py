@@ -28,6 +28,7 @@ class LastCheckpoint(pl.Callback):
         self.path = Path(path)
         self.every_n_steps = check("checkpoint.every_n_steps", every_n_steps)
         self._saved_step: int | None = None
+        self._in_step = False  # between a batch's start and its end
 
     def _save(self, trainer: pl.Trainer) -> None:
         if self._saved_step == trainer.global_step:
@@ -37,7 +38,11 @@ class LastCheckpoint(pl.Callback):
         trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._in_step = True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._in_step = False
         if trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
 
@@ -45,6 +50,11 @@ class LastCheckpoint(pl.Callback):
         self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # A Ctrl-C that stopped a step half way (a second one: `StopTogether`): its weights may be
+        # updated while the step is not counted; the last checkpoint stays, so a resume from it
+        # gives the numbers an uninterrupted run gives.
+        if isinstance(exception, KeyboardInterrupt) and self._in_step:
+            return
         self._save(trainer)
 
 
