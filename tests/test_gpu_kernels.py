@@ -255,7 +255,8 @@ def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
         from gradwatch.telemetry import gpu
         table = {"addresses": "*i64", "sizes": "*i64", "offsets": "*i64", "owner": "*i32", "first": "*i64",
                  "partials": "*fp64", "stride": "i64", "base": "i64", "bounds": "*i64", "rows": "*i64",
-                 "out": "*fp64", "tensors": "i32"}
+                 "out": "*fp64", "tensors": "i32", "calls": "*i64", "programs": "*i64", "per_unit": "*i32",
+                 "counts": "*i32", "layers": "*i64", "earlier": "*u8", "fired": "*u8", "n_layers": "i32"}
         pointer = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float64: "*fp64"}
         def build(function, constants, warps=4, **types):
             kernel = gpu._kernel(function)
@@ -271,6 +272,11 @@ def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
             for carry in (False, True):
                 build(gpu._change_chunks, {"CARRY": carry, "DTYPE": dtype, "BLOCK": gpu.BLOCK, "CHUNK": gpu.CHUNK},
                       kept=pointer[dtype], stride=width, base=width)
+            for inner in (False, True):
+                build(gpu._unit_counts, {"UNITS_INNER": inner, "DTYPE": dtype, "BLOCK_U": gpu.UNIT_BLOCK,
+                                         "BLOCK_O": gpu.OTHER_BLOCK, "STEPS": gpu.OTHER_STEPS})
+        for earlier in (False, True):
+            build(gpu._unit_finish, {"EARLIER": earlier, "BLOCK": gpu.FINISH_BLOCK})
         build(gpu._gradient_merge, {"BLOCK": gpu.MERGE_BLOCK})
         build(gpu._change_merge, {"BLOCK": gpu.MERGE_BLOCK})
         print("built")
@@ -382,12 +388,13 @@ def fit_and_read(tmp_path, name: str) -> dict:
 
 def test_the_callback_logs_through_the_device_kernels_what_the_cpu_kernels_log(tmp_path, monkeypatch):
     # The real callback and TensorBoard files: the Triton path (interpreted here) against the
-    # numba kernels, tag by tag and step by step, for the gradients and the update ratio.
+    # numba kernels, tag by tag and step by step, for the gradients, the update ratio and the
+    # activations.
     expected = fit_and_read(tmp_path, "cpu_kernels")
     monkeypatch.setattr(stats, "HOST_KERNELS", False)
     monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
     calls = []
-    for kind in (gpu.GradientSums, gpu.UpdateNorms):
+    for kind in (gpu.GradientSums, gpu.UpdateNorms, gpu.UnitCounts):
         def counted(self, *args, _run=kind.__call__, **kwargs):
             calls.append(type(self).__name__)
             return _run(self, *args, **kwargs)
@@ -396,10 +403,13 @@ def test_the_callback_logs_through_the_device_kernels_what_the_cpu_kernels_log(t
     # Each step on the device kernels: the statistics and the update ratio; the update ratio's
     # two kernels (with and without carry) also run once when its copy is first made.
     assert calls.count("GradientSums") == 3 and calls.count("UpdateNorms") == 3 + 2
-    compared = [t for t in expected if t.startswith(("grad/", "update/"))]
-    assert len(compared) == 4 * len(STATS) + 1 + 4  # 4 parameters, the global norm, 4 update ratios
+    assert calls.count("UnitCounts") == 3
+    compared = [t for t in expected if t.startswith(("grad/", "update/", "act/"))]
+    # 4 parameters, the global norm, 4 update ratios, the ReLU's dead and zero fractions at
+    # each step and its epoch dead fraction at the epoch's last step.
+    assert len(compared) == 4 * len(STATS) + 1 + 4 + 3
     for tag in compared:
-        assert sorted(got[tag]) == [0, 1, 2], tag
+        assert sorted(got[tag]) == ([2] if tag.endswith("_epoch") else [0, 1, 2]), tag
         assert got[tag] == pytest.approx(expected[tag], rel=1e-6, abs=1e-30), tag
 
 
@@ -466,3 +476,130 @@ def test_an_update_ratio_kernel_that_fails_to_build_with_carry_falls_back_before
         expected = [reference_ratio(b, a) for b, a in zip(weights, after, strict=True)]
         assert finish(np.asarray(values.cpu())).tolist() == pytest.approx(expected, rel=1e-12)
         weights, kept = after, ratio.before(after, reuse=True)
+
+
+def reference_activations(outputs: list) -> tuple[list[list[float]], list[bool]]:
+    """Per layer (its output, or its calls), float64 torch one layer at a time: (dead_fraction,
+    zero_fraction) flattened, and the units that fired, from the calls concatenated (`unit_view`).
+    NaN is not a firing."""
+    rows, fired = [], []
+    for output in outputs:
+        joined = stats.unit_view(list(output) if isinstance(output, tuple) else output).double()
+        per_unit = (joined > 0).sum(dim=(0, 2))
+        rows += [(per_unit == 0).double().mean().item(), (~(joined > 0)).double().mean().item()]
+        fired += (per_unit > 0).tolist()
+    return rows, fired
+
+
+def relu(*shape, dtype=torch.float32, dead=(), seed=0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    output = torch.relu(torch.randn(*shape, device=DEVICE)).to(dtype)
+    for unit in dead:
+        output[:, unit] = 0
+    return output
+
+
+@pytest.mark.usefixtures("device_path")
+def test_activation_counts_through_the_device_kernels_equal_float64():
+    # Every layout and dtype the kernels read, layers across several tiles of units and of
+    # values, a layer called twice (positions that differ), NaN and inf: the numbers and the
+    # units that fired equal float64 torch, and the epoch's mask ORs the steps.
+    nan_inf = relu(40, 6, seed=1)
+    nan_inf[:, 2], nan_inf[0, 4], nan_inf[3, 5] = float("nan"), float("inf"), float("nan")
+    outputs = [
+        relu(1100, 70, dead=(3, 69)),  # 3 unit tiles, 2 programs along the samples
+        relu(5, 40, 6, 7, dead=(0, 33), seed=2),  # (batch, channels, h, w): positions closer in memory
+        relu(5, 40, 6, 7, dtype=torch.bfloat16, seed=3).to(memory_format=torch.channels_last),
+        (relu(4, 9, 5, 5, dtype=torch.float16, dead=(1,), seed=4), relu(3, 9, 2, 2, dtype=torch.float16, seed=5)),
+        relu(33, dtype=torch.float64, seed=6),  # one sample: every value a unit
+        nan_inf,
+        relu(7, 3, 8)[:, :, 2:6],  # a view: positions at one stride, samples not
+    ]
+    assert gpu.unit_geometry(outputs[-1]) == (7, 3, 4, 24, 8, 1)
+    counter = stats.ActivationStats([stats.unit_shape(o) for o in outputs])
+    values, finish, fired = counter.pending(outputs)
+    assert finish == counter._finish_layer_order and isinstance(counter._device_last[1], gpu.UnitCounts)
+    rows, expected_fired = reference_activations(outputs)
+    assert finish(values.cpu().numpy()).tolist() == pytest.approx(rows, rel=1e-15)
+    assert fired.tolist() == expected_fired
+    epoch = counter.epoch_dead_fraction(fired)
+    assert epoch.tolist() == pytest.approx(rows[::2], rel=1e-15)
+    # The next step: other units dead; the epoch's mask is this step's OR the last.
+    second = [o if isinstance(o, tuple) else o.clone() for o in outputs]
+    second[0][:, 5] = 0
+    second[0][:, 3] = 1.0
+    values, finish, fired_both = counter.pending(second, fired=fired)
+    rows, now = reference_activations(second)
+    assert finish(values.cpu().numpy()).tolist() == pytest.approx(rows, rel=1e-15)
+    assert fired_both.tolist() == [a or b for a, b in zip(expected_fired, now, strict=True)]
+    union = stats.ActivationStats([stats.unit_shape(o) for o in outputs])._layer_totals[0]
+    never = 1 - np.add.reduceat(np.asarray(fired_both.tolist(), dtype=float),
+                                np.concatenate([[0], np.cumsum(union)[:-1]]).astype(int)) / union
+    assert counter.epoch_dead_fraction(fired_both).tolist() == pytest.approx(never.tolist(), rel=1e-15)
+    assert counter.epoch_dead_fraction(fired_both).tolist()[0] == 1 / 70  # unit 69 never fired
+    # Two processes with these outputs each (`combine`, as distributed runs sum the per-unit
+    # counts): the same fractions, of twice the outputs.
+    shards = []
+
+    def combine(per_unit):
+        shards.append(per_unit.clone())
+        return per_unit.double() * 2, 2
+
+    values, finish, _ = counter.pending(second, combine)
+    assert finish(values.cpu().numpy()).tolist() == pytest.approx(rows, rel=1e-15)
+    assert len(shards) == 1 and shards[0].sum().item() == sum(int((torch.as_tensor(o) > 0).sum()) for o in (
+        c for output in second for c in (output if isinstance(output, tuple) else (output,))))
+
+
+def layers(count: int) -> list[torch.Tensor]:
+    return [relu(64, 16 + 8 * (i % 2), seed=i) for i in range(count)]
+
+
+@pytest.mark.usefixtures("device_path")
+@pytest.mark.parametrize("count", [6, 50])
+def test_activations_take_two_launches_a_step_whatever_the_layers_and_copy_nothing(monkeypatch, count):
+    outputs = layers(count)
+    counter = stats.ActivationStats([o.shape for o in outputs])
+    fired = None
+    for step in range(3):
+        if step == 1:  # the plan made and the kernels built at the first step
+            plan = counter._device_last[1]
+            monkeypatch.setattr(plan, "_count", Launches())
+            monkeypatch.setattr(plan, "_finish", Launches())
+            Launches.count = 0
+        with TorchOps() as ops:
+            values, finish, fired = counter.pending(outputs, fired=fired, checked=True)
+        if step == 0:
+            continue
+        # One count launch (one dtype, one layout) and one finishing launch, for 6 layers or 50.
+        assert Launches.count == 2 * step
+        # Made: the step's mask of fired units (a byte a unit), and views of buffers; no output
+        # copied, nothing computed by torch, nothing read back.
+        assert ops.bytes == counter.unit_total
+        views = {"aten.view.dtype", "aten.detach.default", "aten.select.int", "aten.slice.Tensor"}
+        assert [name for name in ops.names if name not in views] == ["aten.empty.memory_format"]
+        assert len(ops.names) <= 8
+
+
+def test_activation_kernels_that_fail_to_launch_fall_back_to_torch_operations(monkeypatch, caplog):
+    # The count kernel cannot be built (a compiler error): one warning, the same numbers from
+    # torch operations, which count from then on.
+    monkeypatch.setattr(stats, "HOST_KERNELS", False)
+    monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
+    monkeypatch.setattr(stats, "_gpu", None)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(gpu.UnitCounts, "__call__", broken)
+    outputs = [relu(30, 8, dead=(2,)), (relu(4, 3, 5, 5, seed=1), relu(2, 3, 5, 5, seed=2))]
+    counter = stats.ActivationStats([stats.unit_shape(o) for o in outputs])
+    with caplog.at_level("WARNING"):
+        rows, fired = counter(outputs)
+        again, _ = counter(outputs)
+    assert [r.getMessage() for r in caplog.records if "Triton kernels unavailable" in r.getMessage()] == [
+        "gradient statistics: Triton kernels unavailable (RuntimeError: PassManager::run failed); "
+        "using torch operations"]
+    expected, expected_fired = reference_activations(outputs)
+    assert rows.reshape(-1).tolist() == again.reshape(-1).tolist() == pytest.approx(expected, rel=1e-12)
+    assert fired.tolist() == expected_fired

@@ -1,4 +1,5 @@
-"""Multi-tensor kernels (Triton) for the gradient statistics and the update ratio on a GPU.
+"""Multi-tensor kernels (Triton) for the gradient statistics, the update ratio and the ReLU
+counts on a GPU.
 
 Each tensor is read where it lies, through a table of addresses and sizes, as torch's own
 `_foreach_norm` does: a program takes one chunk (`CHUNK` values) of one tensor, so a step costs
@@ -20,6 +21,10 @@ The update ratio keeps the weights before the step in their own dtype, in one fl
 dtype (`UpdateNorms.keep`, one `_foreach_copy_`); after the step one kernel reads the weights
 before and after and sums ||before||^2 and ||after - before||^2 per chunk in float64; with
 `carry` it also writes the weights after into the buffer, which is then the next step's copy.
+
+The ReLU layers' dead and zero fractions are counted the same way (`UnitCounts`): every
+layer's output read where it lies, in its own layout, by one launch per dtype and layout and
+one that finishes every layer.
 
 Extra memory: the address tables and the partial sums of each chunk (8 float64 a chunk of
 `CHUNK` values: 2.0e-3 bytes per gradient value), and the weights' copy for the update ratio.
@@ -217,6 +222,77 @@ if triton is not None:
         row = out + tl.load(rows + t)
         tl.store(row, tl.sum(before, axis=0))
         tl.store(row + tensors, tl.sum(change, axis=0))
+
+    def _unit_counts(addresses, calls, programs, per_unit, UNITS_INNER: tl.constexpr, DTYPE: tl.constexpr,
+                     BLOCK_U: tl.constexpr, BLOCK_O: tl.constexpr, STEPS: tl.constexpr):
+        """One tile of one ReLU output: per unit of a block of BLOCK_U units, its values > 0 (NaN
+        is not a firing) over up to BLOCK_O * STEPS of the output's other values (samples and
+        positions), added to the unit's count in `per_unit` (int32, every layer's units).
+
+        `programs` (programs, 4): each program's call, first unit, sample and first other value;
+        `calls` (calls, 6): each call's units, other values a sample, the strides of its sample,
+        unit and other values, and where its layer's units start in `per_unit`. `UNITS_INNER`:
+        the units are the closer values in memory (a (batch, features) output, channels-last),
+        else the other values are (a (batch, channels, height, width) output): the tile is laid
+        out so that its last axis runs along memory."""
+        row = programs + 4 * tl.program_id(0)
+        call = tl.load(row)
+        unit = tl.load(row + 1) + tl.arange(0, BLOCK_U)
+        meta = calls + 6 * call
+        units = tl.load(meta)
+        others = tl.load(meta + 1)
+        x_at = tl.load(addresses + call).to(tl.pointer_type(DTYPE)) + tl.load(row + 2) * tl.load(meta + 2)
+        unit_stride = tl.load(meta + 3)
+        other_stride = tl.load(meta + 4)
+        start = tl.load(row + 3)
+        stop = tl.minimum(start + BLOCK_O * STEPS, others)
+        in_layer = unit < units
+        if UNITS_INNER:
+            fired = tl.zeros((BLOCK_O, BLOCK_U), tl.int32)
+            for s in range(start, stop, BLOCK_O):
+                other = s + tl.arange(0, BLOCK_O)
+                valid = (other[:, None] < stop) & in_layer[None, :]
+                x = tl.load(x_at + other[:, None] * other_stride + unit[None, :] * unit_stride, mask=valid, other=0)
+                fired += (x.to(tl.float32) > 0).to(tl.int32)
+            counts = tl.sum(fired, axis=0)
+        else:
+            fired = tl.zeros((BLOCK_U, BLOCK_O), tl.int32)
+            for s in range(start, stop, BLOCK_O):
+                other = s + tl.arange(0, BLOCK_O)
+                valid = in_layer[:, None] & (other[None, :] < stop)
+                x = tl.load(x_at + unit[:, None] * unit_stride + other[None, :] * other_stride, mask=valid, other=0)
+                fired += (x.to(tl.float32) > 0).to(tl.int32)
+            counts = tl.sum(fired, axis=1)
+        tl.atomic_add(per_unit + tl.load(meta + 5) + unit, counts, mask=in_layer)
+
+    def _unit_finish(counts, per_unit, layers, earlier, fired, out, n_layers, EARLIER: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """One layer's per-unit counts (its units at layers[2l], layers[2l + 1] of them) -> in
+        `out` (3, layers): the units that fired, the outputs > 0, and the share of units that
+        fired in none of the epoch's steps so far (`earlier`, when EARLIER, or-ed in); `fired`
+        gets the units that fired in the epoch (uint8); `per_unit` is left zero for the next step."""
+        layer = tl.program_id(0)
+        first = tl.load(layers + 2 * layer)
+        units = tl.load(layers + 2 * layer + 1)
+        now = tl.zeros((BLOCK,), tl.int64)
+        outputs = tl.zeros((BLOCK,), tl.int64)
+        epoch = tl.zeros((BLOCK,), tl.int64)
+        for s in range(0, units, BLOCK):
+            at = first + s + tl.arange(0, BLOCK)
+            valid = s + tl.arange(0, BLOCK) < units
+            count = tl.load(counts + at, mask=valid, other=0).to(tl.int64)
+            fired_now = count > 0
+            now += fired_now.to(tl.int64)
+            outputs += count
+            if EARLIER:
+                fired_now = fired_now | (tl.load(earlier + at, mask=valid, other=0) != 0)
+            epoch += fired_now.to(tl.int64)
+            tl.store(fired + at, fired_now.to(tl.uint8), mask=valid)
+            tl.store(per_unit + at, tl.zeros((BLOCK,), tl.int32), mask=valid)
+        total = units.to(tl.float64)
+        tl.store(out + layer, tl.sum(now, axis=0).to(tl.float64))
+        tl.store(out + n_layers + layer, tl.sum(outputs, axis=0).to(tl.float64))
+        tl.store(out + 2 * n_layers + layer, (total - tl.sum(epoch, axis=0).to(tl.float64)) / total)
 else:  # pragma: no cover
     DTYPES = {}
 
@@ -276,14 +352,21 @@ class _Layout:
         step's gradients the addresses of the last step's, so this is rare after the first step."""
         now = list(map(torch.Tensor.data_ptr, tensors))
         if now != self._uploaded:
-            tables = []
-            for _, members, *_ in self.groups:
-                table = torch.tensor([now[i] for i in members], dtype=torch.int64)
-                if self.device.type == "cuda":
-                    table = table.pin_memory().to(self.device, non_blocking=True)
-                tables.append(table)
-            self._tables, self._uploaded = tables, now
+            self._tables, self._uploaded = _address_tables(now, [members for _, members, *_ in self.groups],
+                                                           self.device), now
         return self._tables
+
+
+def _address_tables(addresses: list[int], groups: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
+    """Per group of indices, those `addresses` in an int64 table on `device`, sent from pinned
+    memory without blocking the host (the host allocator keeps that memory until the copy is done)."""
+    tables = []
+    for members in groups:
+        table = torch.tensor([addresses[i] for i in members], dtype=torch.int64)
+        if device.type == "cuda":
+            table = table.pin_memory().to(device, non_blocking=True)
+        tables.append(table)
+    return tables
 
 
 def _current(device: torch.device):
@@ -399,3 +482,117 @@ def finish_update_ratio(squares: np.ndarray) -> np.ndarray:
     where nothing moved, inf where weights that were all 0 moved)."""
     before, change = np.asarray(squares, dtype=np.float64).reshape(_CHANGE_PARTS, -1)
     return ratio_from_norms(np.sqrt(before), np.sqrt(change), np)
+
+
+UNIT_BLOCK = 32  # units a tile holds
+OTHER_BLOCK = 32  # other values (samples, positions) of each unit a tile holds
+OTHER_STEPS = 32  # tiles a program reads: up to 1024 values of each of its units
+FINISH_BLOCK = 1024  # units the finishing kernel reads at a time
+
+
+def unit_geometry(output: torch.Tensor) -> tuple[int, int, int, int, int, int] | None:
+    """A ReLU output as the kernels read it: (samples, units, others, sample stride, unit
+    stride, other stride), its values at sample * sample stride + unit * unit stride + other *
+    other stride (in elements) for each sample, unit and other value, the samples and positions
+    folded into the other values where one stride steps through both (a (batch, features)
+    output, a channels-last one); None when its positions do not lie at one stride from each
+    other (a view the kernels cannot address: torch operations count it). Dimension 1 holds the
+    units (`stats.unit_view`); a 1-d output is one sample.
+
+    >>> unit_geometry(torch.zeros(8, 4, 3, 3))
+    (8, 4, 9, 36, 9, 1)
+    >>> unit_geometry(torch.zeros(8, 4, 3, 3).to(memory_format=torch.channels_last))
+    (1, 4, 72, 0, 1, 4)
+    """
+    shape, strides = output.shape, output.stride()
+    if len(shape) == 1:
+        return 1, shape[0], 1, 0, strides[0], 0
+    samples, units = shape[0], shape[1]
+    positions, position_stride = 1, 1
+    for size, stride in zip(reversed(shape[2:]), reversed(strides[2:]), strict=True):
+        if size == 1:
+            continue
+        if positions == 1:
+            positions, position_stride = size, stride
+        elif stride == position_stride * positions:
+            positions *= size
+        else:
+            return None
+    if positions == 1:  # the samples are the other values
+        return 1, units, samples, 0, strides[1], strides[0]
+    if samples == 1 or strides[0] == position_stride * positions:
+        return 1, units, samples * positions, 0, strides[1], position_stride
+    return samples, units, positions, strides[0], strides[1], position_stride
+
+
+class UnitCounts:
+    """Per ReLU layer, the units that fired and the outputs > 0 in a step, counted where the
+    outputs lie by two kinds of launch whatever the number of layers: one of `_unit_counts` per
+    dtype and layout (units or other values closer in memory) present, adding each unit's count
+    into an int32 vector of every layer's units, and one of `_unit_finish` for all the layers.
+    Made once per set of output shapes, strides and dtypes (`geometries`); a layer called
+    several times in a step has each call counted and the counts added.
+
+    Extra memory: the per-unit counts (4 bytes a unit), the tables (O(calls + tiles)), and each
+    step's `fired` (1 byte a unit); no copy of any output."""
+
+    def __init__(self, geometries: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype], layer_of: Sequence[int],
+                 units: Sequence[int], device: torch.device):
+        self.device = device
+        starts = np.concatenate([[0], np.cumsum(units)[:-1]]).astype(np.int64)
+        by_kind: dict = {}
+        for i, (geometry, dtype) in enumerate(zip(geometries, dtypes, strict=True)):
+            _, _, _, _, unit_stride, other_stride = geometry
+            inner = abs(unit_stride) <= abs(other_stride) if other_stride else True
+            by_kind.setdefault((dtype, inner), []).append(i)
+        self.groups = []  # (dtype, units inner, call indices, calls table, programs table, programs)
+        for (dtype, inner), members in by_kind.items():
+            meta, tiles = [], []
+            for local, i in enumerate(members):
+                samples, n_units, others, sample_stride, unit_stride, other_stride = geometries[i]
+                meta.append((n_units, others, sample_stride, unit_stride, other_stride, starts[layer_of[i]]))
+                grid = np.stack(np.meshgrid(np.arange(0, n_units, UNIT_BLOCK), np.arange(samples),
+                                            np.arange(0, others, OTHER_BLOCK * OTHER_STEPS), indexing="ij"), -1)
+                grid = grid.reshape(-1, 3)
+                tiles.append(np.column_stack([np.full(len(grid), local), grid]))
+            table = np.concatenate(tiles).astype(np.int64) if tiles else np.zeros((0, 4), np.int64)
+            self.groups.append((dtype, inner, members, self._on(np.asarray(meta, dtype=np.int64)), self._on(table),
+                                len(table)))
+        self.layers = self._on(np.column_stack([starts, np.asarray(units, dtype=np.int64)]))
+        self.per_unit = torch.zeros(int(sum(units)), dtype=torch.int32, device=device)
+        self.out = torch.zeros(3, len(units), dtype=torch.float64, device=device)
+        self._uploaded: list[int] | None = None
+        self._tables: list[torch.Tensor] = []
+        self._count, self._finish = _kernel(_unit_counts), _kernel(_unit_finish)
+        self.launched = False  # set by the caller once a launch went through (the kernels are built)
+
+    def _on(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+
+    def __call__(self, calls: Sequence[torch.Tensor], earlier: torch.Tensor | None = None,
+                 combine=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, fired): `out` (3, layers) float64 on the device, in layer order: the units that
+        fired, the outputs > 0, and the share of units that fired in no step of the epoch (valid
+        until the next call); `fired` (bool, every layer's units) the units that fired in this
+        step or `earlier` (the epoch's mask so far). `calls` in the order of `geometries`.
+        `combine` (distributed runs) maps the per-unit counts to the global batch's (float64)."""
+        now = list(map(torch.Tensor.data_ptr, calls))
+        if now != self._uploaded:
+            self._tables = _address_tables(now, [members for _, _, members, *_ in self.groups], self.device)
+            self._uploaded = now
+        fired = torch.empty(self.per_unit.shape, dtype=torch.uint8, device=self.device)
+        with _current(self.device):
+            for (dtype, inner, _, meta, table, programs), addresses in zip(self.groups, self._tables, strict=True):
+                if programs:
+                    self._count[(programs,)](addresses, meta, table, self.per_unit, UNITS_INNER=inner,
+                                             DTYPE=DTYPES[dtype], BLOCK_U=UNIT_BLOCK, BLOCK_O=OTHER_BLOCK,
+                                             STEPS=OTHER_STEPS)
+            counts = self.per_unit
+            if combine is not None:
+                counts = combine(self.per_unit)[0].to(torch.int32)  # exact: a unit's outputs in a step < 2**31
+            has_earlier = earlier is not None
+            earlier = earlier.view(torch.uint8) if has_earlier else fired
+            layers = self.out.shape[1]
+            self._finish[(layers,)](counts, self.per_unit, self.layers, earlier, fired, self.out, layers,
+                                    EARLIER=has_earlier, BLOCK=FINISH_BLOCK)
+        return self.out, fired.view(torch.bool)

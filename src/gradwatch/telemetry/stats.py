@@ -18,13 +18,13 @@ On a CPU, contiguous float32 tensors (the usual case) go instead through fused k
 passes, with float64 sums, and leave the finished rows in host memory: the same numbers, 3-10x
 cheaper in a training step. Set `HOST_KERNELS = False` to use torch operations everywhere.
 
-On CUDA, the gradient statistics and the update ratio go through multi-tensor Triton kernels
-(`gradwatch.telemetry.gpu`, docs/gpu.md): each tensor read in place, a fixed number of launches
-a step, float64 sums, no copy of the gradients, the weights before a step kept once in their own
-dtype. The torch operations here remain for what neither kernel set reads (half precision on a
-CPU, other devices, no triton). `DEVICE_KERNELS = False` turns the Triton path off;
-`DEVICE_KERNELS_ON_CPU = True` sends CPU tensors the numba kernels do not take through it when
-triton interprets (the tests).
+On CUDA, the gradient statistics, the update ratio and the ReLU counts go through multi-tensor
+Triton kernels (`gradwatch.telemetry.gpu`, docs/gpu.md): each tensor read in place, a fixed
+number of launches a step, float64 sums, no copy of the gradients or the activations, the
+weights before a step kept once in their own dtype. The torch operations here remain for what
+neither kernel set reads (half precision on a CPU, other devices, no triton).
+`DEVICE_KERNELS = False` turns the Triton path off; `DEVICE_KERNELS_ON_CPU = True` sends CPU
+tensors the numba kernels do not take through it when triton interprets (the tests).
 """
 
 import math
@@ -46,7 +46,8 @@ SMALL = 4096
 _EXPONENT = {torch.float32: (torch.int32, 0x7F800000, 2.0**-126, 2.0**127),
              torch.float64: (torch.int64, 0x7FF0000000000000, 2.0**-1022, 2.0**1023)}
 # Devices whose activation counts go through sign buffers kept across steps (cheapest there);
-# on the others each ReLU output is counted in place (no activation-sized buffer).
+# on the others each ReLU output is counted in place (no activation-sized buffer): by the device
+# kernels where they read it, else by torch operations.
 SIGN_BUFFER_DEVICES = frozenset({"cpu"})
 HOST_KERNELS = True  # use gradwatch.telemetry.kernels for float32 CPU tensors (when numba imports)
 _kernels = None  # the module once imported; False when numba is missing
@@ -762,9 +763,9 @@ def unit_shape(calls: torch.Tensor | Sequence[torch.Tensor]) -> tuple[int, ...]:
 
 def counts_calls_apart(device: torch.device) -> bool:
     """Whether a layer's several calls are counted each where it lies and their per-unit counts
-    added (devices without the sign buffers: a GPU), rather than concatenated into one tensor
-    (`unit_view`) first, which the CPU's counts need."""
-    return device.type not in SIGN_BUFFER_DEVICES
+    added (devices without the sign buffers: a GPU; the CPU when the device kernels read it),
+    rather than concatenated into one tensor (`unit_view`) first, which the CPU's counts need."""
+    return device.type not in SIGN_BUFFER_DEVICES or DEVICE_KERNELS_ON_CPU and DEVICE_KERNELS
 
 
 def _nonzero_per_unit(output: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -836,6 +837,12 @@ class ActivationStats:
         mask = torch.zeros(self.unit_total, dtype=torch.bool)
         self._host_fired = mask, mask.numpy()  # the mask of an epoch that starts here, and its numpy view
         self._epoch_of: torch.Tensor | None = None
+        # The device kernels' plans (`gpu.UnitCounts`) by the calls' layout (None: not for them),
+        # the last one's key and plan, and the last `fired` they made with its epoch row.
+        self._device_plans: dict = {}
+        self._device_last: tuple = (None, None)
+        self._device_fired: tuple = (None, None)
+        self._layer_totals = np.array([self.units, [math.prod(s) for s in self.shapes]], dtype=np.float64)
 
     @staticmethod
     def _view_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -903,8 +910,12 @@ class ActivationStats:
         shapes this was made for, or where calls are counted apart (`counts_calls_apart`: a GPU) a
         layer's calls, of the `unit_shape` it was made for. The values are valid until the next call."""
         tensors = outputs if checked else _joined(outputs)
-        addresses = (None if combine is not None or counts_calls_apart(_first(tensors).device)
-                     else _host_addresses(tensors, self._given, checked))
+        apart = counts_calls_apart(_first(tensors).device)
+        if apart and _device_kernels(_first(tensors)) is not None:
+            made = self._device_pending(tensors, combine, fired)
+            if made is not None:
+                return made
+        addresses = None if combine is not None or apart else _host_addresses(tensors, self._given, checked)
         if addresses is None:
             counts, now = self.counts(tensors, combine)
             return counts, self.finish, now if fired is None else fired.to(now.device) | now
@@ -922,6 +933,76 @@ class ActivationStats:
         self._epoch_of = fired  # `_host_epoch` holds its never-fired fractions
         return self._host_out, None, fired
 
+    def _device_pending(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]], combine: Callable | None,
+                        fired: torch.Tensor | None) -> tuple | None:
+        """`pending` through the device kernels (`gpu.UnitCounts`), or None where they do not
+        read these outputs (a dtype they do not take, outputs on several devices or whose
+        positions lie at no one stride, a layer without units or with 2**31 outputs a step)."""
+        if all(map(torch.is_tensor, outputs)):
+            calls, layer_of = outputs, None
+        else:
+            calls, layer_of = [], []
+            for layer, output in enumerate(outputs):
+                made = (output,) if isinstance(output, torch.Tensor) else output
+                calls.extend(made)
+                layer_of.extend([layer] * len(made))
+        key = (tuple(map(_SHAPE, calls)), tuple(map(torch.Tensor.stride, calls)), tuple(map(_DTYPE_DEVICE, calls)),
+               None if layer_of is None else tuple(layer_of))
+        if key == self._device_last[0]:
+            plan = self._device_last[1]
+        else:
+            plan = self._device_plans.get(key, False)
+            if plan is False:
+                plan = self._device_plans[key] = self._device_plan(calls, key, layer_of)
+            self._device_last = key, plan
+        if plan is None:
+            return None
+        device = plan.device
+        if fired is not None and (fired.device != device or fired.dtype != torch.bool
+                                  or fired.shape != (self.unit_total,) or not fired.is_contiguous()):
+            fired = fired.to(device, torch.bool).reshape(-1).contiguous()
+        if combine is not None:
+            def combine(per_unit, _combine=combine):
+                total, self._copies = _combine(per_unit)
+                return total, self._copies
+        made = plan(calls, fired, combine) if plan.launched else _first_launch(self._first_run, plan, calls, fired,
+                                                                               combine)
+        if made is None:  # triton cannot build or launch its kernels here: torch operations from now on
+            self._device_plans[key] = None
+            self._device_last = key, None
+            return None
+        out, now = made
+        self._device_fired = now, out[2]
+        return out[:2], self._finish_layer_order, now
+
+    @staticmethod
+    def _first_run(plan, calls, fired, combine):
+        made = plan(calls, fired, combine)
+        plan.launched = True
+        return made
+
+    def _device_plan(self, calls: Sequence[torch.Tensor], key: tuple, layer_of: list[int] | None):
+        gpu = _device_kernels(calls[0])
+        device = calls[0].device
+        if gpu is None or any(d not in gpu.DTYPES or v != device for d, v in key[2]) or min(self.units) == 0:
+            return None
+        geometries = list(map(gpu.unit_geometry, calls))
+        if None in geometries:
+            return None
+        layer_of = list(range(len(calls))) if layer_of is None else layer_of
+        values = [0] * len(self.units)
+        for (samples, _, others, *_), layer in zip(geometries, layer_of, strict=True):
+            values[layer] += samples * others
+        if max(values) >= 2**31:
+            return None
+        return gpu.UnitCounts(geometries, [d for d, _ in key[2]], layer_of, self.units, device)
+
+    def _finish_layer_order(self, counts: np.ndarray) -> np.ndarray:
+        """The device kernels' (2, layers) in layer order on the host -> the rows (dead_fraction,
+        zero_fraction) flattened."""
+        totals = self._layer_totals if self._copies == 1 else self._layer_totals * np.array([[1.0], [self._copies]])
+        return ((totals - np.asarray(counts, dtype=np.float64).reshape(2, -1)) / totals).T.reshape(-1)
+
     @torch.no_grad()
     def counts(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]],
                combine: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -938,7 +1019,7 @@ class ActivationStats:
         fired_parts = []
         for number, (idx, slot) in enumerate(zip(self.groups, slots, strict=True)):
             size = math.prod(self.shapes[idx[0]])
-            if device.type in SIGN_BUFFER_DEVICES:
+            if not counts_calls_apart(device):
                 signs = self._signs([tensors[i] for i in idx], number)
                 # ReLU outputs are >= 0: an output is non-zero iff its sign is 1 (NaN's sign is 0).
                 # Per unit, the float sum of 0/1 values over samples and positions is an exact
@@ -974,6 +1055,9 @@ class ActivationStats:
         values, finish, fired = self.pending(outputs, combine)
         if finish is None:  # the CPU kernels' rows
             return torch.from_numpy(values.reshape(-1, 2).copy()), fired
+        if finish == self._finish_layer_order:  # the device kernels' counts, in layer order
+            totals = torch.from_numpy(self._layer_totals * np.array([[1.0], [self._copies]])).to(values.device)
+            return ((totals - values) / totals).t(), fired
         counts = values
         order, _, totals = self._constants(counts.device)
         if self._copies != 1:
@@ -986,6 +1070,8 @@ class ActivationStats:
         kernels count a CPU bool vector."""
         if fired_in_epoch is self._epoch_of:  # the mask the last kernel call marked: counted there
             return self._host_epoch
+        if fired_in_epoch is self._device_fired[0]:  # the device kernels' last mask: counted there
+            return self._device_fired[1]
         if (fired_in_epoch.dtype == torch.bool and fired_in_epoch.is_cpu and self._given
                 and fired_in_epoch.shape == (self.unit_total,) and _host_kernels() is not None):
             return _host_kernels().never_fired(fired_in_epoch.numpy(), self._host_units, self._host_epoch)
