@@ -253,7 +253,7 @@ if triton is not None:
                 other = s + tl.arange(0, BLOCK_O)
                 valid = (other[:, None] < stop) & in_layer[None, :]
                 x = tl.load(x_at + other[:, None] * other_stride + unit[None, :] * unit_stride, mask=valid, other=0)
-                fired += (x.to(tl.float32) > 0).to(tl.int32)
+                fired += (x > 0).to(tl.int32)  # in its own dtype: a float64 1e-300 fired
             counts = tl.sum(fired, axis=0)
         else:
             fired = tl.zeros((BLOCK_U, BLOCK_O), tl.int32)
@@ -261,7 +261,7 @@ if triton is not None:
                 other = s + tl.arange(0, BLOCK_O)
                 valid = in_layer[:, None] & (other[None, :] < stop)
                 x = tl.load(x_at + unit[:, None] * unit_stride + other[None, :] * other_stride, mask=valid, other=0)
-                fired += (x.to(tl.float32) > 0).to(tl.int32)
+                fired += (x > 0).to(tl.int32)  # in its own dtype: a float64 1e-300 fired
             counts = tl.sum(fired, axis=1)
         tl.atomic_add(per_unit + tl.load(meta + 5) + unit, counts, mask=in_layer)
 
