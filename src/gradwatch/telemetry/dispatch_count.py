@@ -9,7 +9,9 @@ from torch.utils._pytree import tree_flatten
 class TorchOps(TorchDispatchMode):
     """Inside `with TorchOps() as ops:`, the torch operations run (`ops.names`) and the bytes of
     the new storage they made (`ops.bytes`): a view or an in-place result shares an input's
-    storage and is not counted, nor is a storage counted twice.
+    storage and is not counted, nor is a storage counted twice. The storages counted are held
+    until the block ends, so that one freed inside it cannot pass its address on to a new one
+    (which would then go uncounted): the count is every byte the block made, not its peak.
 
     >>> with TorchOps() as ops:
     ...     x = torch.zeros(4)
@@ -20,7 +22,7 @@ class TorchOps(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.names, self.bytes, self._seen = [], 0, set()
+        self.names, self.bytes, self._seen, self._held = [], 0, set(), []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -29,6 +31,12 @@ class TorchOps(TorchDispatchMode):
         inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | self._seen:
-                self._seen.add(t.untyped_storage().data_ptr())
-                self.bytes += t.untyped_storage().nbytes()
+                storage = t.untyped_storage()
+                self._seen.add(storage.data_ptr())
+                self._held.append(storage)
+                self.bytes += storage.nbytes()
         return out
+
+    def __exit__(self, *exc):
+        self._held = []
+        return super().__exit__(*exc)

@@ -437,10 +437,17 @@ def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
     """`GradientSums`' (7, tensors) on the host and the tensors' sizes -> the rows (mean, std,
     zero_fraction, norm, abs_max, nonfinite) flattened, then the global norm (float64)."""
     mean, centred, squares, zeros, nans, infs, top = np.asarray(raw, dtype=np.float64).reshape(GRADIENT_FIELDS, -1)
-    abs_max = np.where(nans > 0, np.nan, top)  # the kernels leave NaN out of the largest magnitude
-    with np.errstate(divide="ignore", invalid="ignore"):  # an empty tensor's rows are NaN
-        table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, abs_max, np)
-    return np.append(table.reshape(-1), global_norm)
+    if nans.any():  # the kernels leave NaN out of the largest magnitude
+        top = np.where(nans > 0, np.nan, top)
+    if n.all():
+        table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, top, np)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty tensor's rows are NaN
+            table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, top, np)
+    flat = np.empty(table.size + 1)
+    flat[:-1] = table.reshape(-1)
+    flat[-1] = global_norm
+    return flat
 
 
 class UpdateNorms(_MultiTensor):

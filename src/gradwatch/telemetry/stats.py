@@ -386,7 +386,9 @@ def rows_from_sums(n, mean, centred, squares, zeros, nonfinite, abs_max, xp, sca
     std is unbiased: sqrt(centred) * scale / `root` where the caller keeps root = sqrt(max(n - 1,
     1)) (its centred sum is 0 for one value), else sqrt(centred / (n - 1)) as torch rounds it, 0
     for one value and NaN for none."""
-    if root is None:
+    if root is None and xp is np and n.min() > 1:  # the usual case, in a third of the operations
+        std = np.sqrt(centred / (n - 1))
+    elif root is None:
         std = xp.where(n > 1, xp.sqrt(centred / (n - 1).clip(1)), xp.where(n == 1, 0.0, math.nan))
     else:
         std = xp.sqrt(centred) * scale / root
@@ -394,7 +396,13 @@ def rows_from_sums(n, mean, centred, squares, zeros, nonfinite, abs_max, xp, sca
     # may round below it; keep the inequality exact (and NaN where abs_max is).
     root_squares = xp.sqrt(squares) if scale is None else xp.sqrt(squares) * scale
     norm = xp.maximum(root_squares, abs_max)
-    table = xp.stack([mean, std, zeros / n, norm, abs_max, nonfinite], 1)
+    columns = (mean, std, zeros / n, norm, abs_max, nonfinite)
+    if xp is np:  # column by column into one array: a third of `np.stack`'s host time (every logged step)
+        table = np.empty((len(norm), len(columns)))
+        for i, column in enumerate(columns):
+            table[:, i] = column
+    else:
+        table = xp.stack(columns, 1)
     global_norm = xp.sqrt(squares.sum() if scale is None else (norm * norm).sum())
     return (table if order is None else table[order]), global_norm
 
