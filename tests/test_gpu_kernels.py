@@ -276,7 +276,8 @@ def test_the_kernels_build_for_a_gpu_without_one(tmp_path):
                 build(gpu._unit_counts, {"UNITS_INNER": inner, "DTYPE": dtype, "BLOCK_U": gpu.UNIT_BLOCK,
                                          "BLOCK_O": gpu.OTHER_BLOCK, "STEPS": gpu.OTHER_STEPS})
         for earlier in (False, True):
-            build(gpu._unit_finish, {"EARLIER": earlier, "BLOCK": gpu.FINISH_BLOCK})
+            for counts in ("*i32", "*fp64"):  # one process; summed over processes
+                build(gpu._unit_finish, {"EARLIER": earlier, "BLOCK": gpu.FINISH_BLOCK}, counts=counts)
         build(gpu._gradient_merge, {"BLOCK": gpu.MERGE_BLOCK})
         build(gpu._change_merge, {"BLOCK": gpu.MERGE_BLOCK})
         print("built")
@@ -603,3 +604,18 @@ def test_activation_kernels_that_fail_to_launch_fall_back_to_torch_operations(mo
     expected, expected_fired = reference_activations(outputs)
     assert rows.reshape(-1).tolist() == again.reshape(-1).tolist() == pytest.approx(expected, rel=1e-12)
     assert fired.tolist() == expected_fired
+
+
+@pytest.mark.usefixtures("device_path")
+def test_outputs_of_other_units_than_the_layers_never_reach_the_kernels():
+    # The kernels add each call's counts at its layer's units: an output wider than its layer
+    # would add into the next layer's (or past the end). Such outputs go to torch operations,
+    # which refuse them; a mask of the wrong size is refused too.
+    counter = stats.ActivationStats([(4, 3), (4, 3)])
+    with pytest.raises(RuntimeError):
+        counter.pending([relu(4, 5), relu(4, 3)])
+    assert counter._device_last[1] is None
+    values, finish, fired = counter.pending([relu(4, 3), relu(4, 3, seed=1)])
+    assert isinstance(counter._device_last[1], gpu.UnitCounts) and fired.shape == (6,)
+    with pytest.raises(ValueError, match="fired: 7 units, this layer set has 6"):
+        counter.pending([relu(4, 3), relu(4, 3)], fired=torch.zeros(7, dtype=torch.bool))

@@ -379,3 +379,73 @@ def test_output_tap_returns_what_the_module_returns_and_keeps_it_while_recording
     assert torch.equal(twin(x.clone()), expected)
     tap.remove()
     assert "forward" not in module.__dict__ and torch.equal(module(x.clone()), expected)
+
+
+class SharedReLU(nn.Module):
+    """One `nn.ReLU` after layers of widths 8, 16 and 8 (the `self.relu` of many models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(3, 8), nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.head(self.relu(self.c(self.relu(self.b(self.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("route", ["kernels", "torch", "in_place", "device"])
+def test_a_relu_shared_by_layers_of_several_widths_is_one_row_over_all_their_units(monkeypatch, route):
+    # Its calls of one width are the same units (as any module called several times), its calls
+    # of another width other units: dead units over all of them, zeros over all its outputs, an
+    # epoch's never-fired units likewise; on every path, against float64 from the outputs a
+    # forward hook of its own saw.
+    import lightning.pytorch as pl
+
+    monkeypatch.setattr(stats, "HOST_KERNELS", route == "kernels")
+    if route == "in_place":
+        monkeypatch.setattr(stats, "SIGN_BUFFER_DEVICES", frozenset())
+    if route == "device":
+        gpu = pytest.importorskip("gradwatch.telemetry.gpu")
+        if not gpu.interpreting():
+            pytest.skip("triton does not interpret here")
+        monkeypatch.setattr(stats, "DEVICE_KERNELS_ON_CPU", True)
+    torch.manual_seed(6)
+    net = SharedReLU()
+    with torch.no_grad():
+        net.a.bias[:2] = -100.0  # width 8: units 0 and 1 silent in the first call...
+        net.c.bias[0] = -100.0  # ...and unit 0 in the third: dead; unit 1 fires there
+        net.b.bias[:4] = -100.0  # width 16: 4 dead
+    seen = []
+    net.relu.register_forward_hook(lambda module, args, output: seen.append(output.detach().double().clone()))
+    batches = [torch.rand(8, 3), torch.rand(8, 3)]
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    recorder = StepsRecorder()
+    trainer = pl.Trainer(max_steps=2, callbacks=[GradientTelemetry(recorder)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu")
+    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert len(seen) == 6 and len(recorder.steps) == 2
+    fired_epoch = {8: torch.zeros(8, dtype=torch.bool), 16: torch.zeros(16, dtype=torch.bool)}
+    for step, calls in zip(recorder.steps, (seen[:3], seen[3:]), strict=True):
+        fired = {8: (calls[0] > 0).any(0) | (calls[2] > 0).any(0), 16: (calls[1] > 0).any(0)}
+        dead = sum(int((~f).sum()) for f in fired.values())
+        zeros = sum(int((c == 0).sum()) for c in calls)
+        assert step["act/net.relu/dead_fraction"] == dead / 24
+        assert step["act/net.relu/zero_fraction"] == zeros / sum(c.numel() for c in calls)
+        for width in fired_epoch:
+            fired_epoch[width] |= fired[width]
+    assert dead >= 5  # units 0 (width 8) and 0-3 (width 16) at least
+    never = sum(int((~f).sum()) for f in fired_epoch.values())
+    assert recorder.steps[1]["act/net.relu/dead_fraction_epoch"] == never / 24
+    assert "act/net.relu/dead_fraction_epoch" not in recorder.steps[0]

@@ -7,6 +7,7 @@ the Trainer's loggers (TensorBoard's folder directly, any other logger through `
 What it supports and refuses: docs/callback.md.
 """
 
+import functools
 import itertools
 import logging
 import math
@@ -32,12 +33,19 @@ from gradwatch.telemetry.stats import (
     ActivationStats,
     GradientStats,
     UpdateRatio,
+    by_units,
     counts_calls_apart,
     unit_shape,
     unit_view,
 )
 
 log = logging.getLogger(__name__)
+
+
+def _merged_rows(stats: ActivationStats, finish: Callable, parts: tuple[int, ...], values: np.ndarray) -> np.ndarray:
+    """`finish(values)`, the rows of a set whose modules called on several widths are several
+    layers of `stats`, merged into one row per module (`ActivationStats.merged`)."""
+    return stats.merged(finish(values), parts)
 
 ON_NONFINITE = ("warn", "stop")
 DEAD_UNIT_MODULES = (nn.ReLU, nn.ReLU6)
@@ -255,6 +263,7 @@ class GradientTelemetry(pl.Callback):
         self._last_act: tuple = (None, None)  # the last step's key into `_act_stats`, and its entry
         self._epoch_layers: list[int] | None = None
         self._epoch_stats: ActivationStats | None = None
+        self._epoch_parts: tuple[int, ...] | None = None  # per layer, its widths' rows (None: one each)
         self._epoch_tags: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._last_epoch: tuple = (None, ())  # the last epoch's `_epoch_layers` list, and its tags
         self._names = JoinedNames()
@@ -581,14 +590,23 @@ class GradientTelemetry(pl.Callback):
                 present = tuple(i for i in present if i not in changed)
                 outputs = [outputs[i] for i in present]
             shapes = tuple(map(_SHAPE, outputs))
+            parts = None
         else:
             changed = self._changed_in_place()
             present = tuple(i for i, made in enumerate(calls) if made and i not in changed)
             # One call: its output as it is; several: on a GPU the calls as they are, each counted
-            # where it lies, on the CPU concatenated (`unit_view`) for the counts.
+            # where it lies, on the CPU concatenated (`unit_view`) for the counts. A module called
+            # on outputs of several widths (a `self.relu` shared by layers of several widths) is
+            # one layer per width here (`by_units`), whose rows `ActivationStats.merged` joins.
             apart = bool(present) and counts_calls_apart(calls[present[0]][0].device)
-            outputs = [calls[i][0] if len(calls[i]) == 1 else tuple(calls[i]) if apart else unit_view(calls[i])
-                       for i in present]
+            outputs, parts = [], []
+            for i in present:
+                made = calls[i]
+                groups = (made,) if len(made) == 1 else by_units(made)
+                outputs += [group[0] if len(group) == 1 else tuple(group) if apart else unit_view(group)
+                            for group in groups]
+                parts.append(len(groups))
+            parts = None if len(parts) == len(outputs) else tuple(parts)
             shapes = tuple(map(unit_shape, outputs))
         if changed:
             self._say_changed(changed)
@@ -601,9 +619,9 @@ class GradientTelemetry(pl.Callback):
             entry = self._act_stats.get(key)
             if entry is None:
                 act_tags = tuple(tags.act(self._layers[i][0], stat) for i in present for stat in tags.ACT_STATS)
-                entry = self._act_stats[key] = (ActivationStats(list(shapes)), act_tags, list(present))
+                entry = self._act_stats[key] = (ActivationStats(list(shapes)), act_tags, list(present), parts)
             self._last_act = key, entry
-        stats, act_tags, present = entry
+        stats, act_tags, present, parts = entry
         # The units that fired earlier in this epoch, if any (None: a new epoch, or a checkpoint
         # from another model); `pending` adds this step's.
         earlier = self._fired_epoch
@@ -615,9 +633,14 @@ class GradientTelemetry(pl.Callback):
             self._world_size = world()[1]
         combine = combine_unit_counts if self._world_size > 1 else None
         values, finish, self._fired_epoch = stats.pending(outputs, combine, earlier, checked=True)
+        if parts is not None:  # several widths of a module: one row for it
+            if finish is None:  # the CPU kernels' rows, on the host
+                values, finish = stats.merged(values, parts), None
+            else:
+                finish = functools.partial(_merged_rows, stats, finish, parts)
         self._pending.append((values, finish))
         self._pending_tags.append(act_tags)
-        self._epoch_layers, self._epoch_stats = present, stats
+        self._epoch_layers, self._epoch_stats, self._epoch_parts = present, stats, parts
 
     def _say_changed(self, changed: list[int]) -> None:
         new = [self._layers[i][0] for i in changed if f"inplace:{i}" not in self._warned]
@@ -632,8 +655,15 @@ class GradientTelemetry(pl.Callback):
         if self._epoch_stats is None:  # resumed on an epoch's last batch, nothing logged since
             return
         never_fired = self._epoch_stats.epoch_pending(fired)
-        self._pending.append((never_fired.numpy() if isinstance(never_fired, torch.Tensor) and never_fired.is_cpu
-                              else never_fired, None))
+        if isinstance(never_fired, torch.Tensor) and never_fired.is_cpu:
+            never_fired = never_fired.numpy()
+        parts = self._epoch_parts
+        if parts is None:
+            self._pending.append((never_fired, None))
+        elif isinstance(never_fired, np.ndarray):
+            self._pending.append((self._epoch_stats.merged_epoch(never_fired, parts), None))
+        else:
+            self._pending.append((never_fired, functools.partial(self._epoch_stats.merged_epoch, parts=parts)))
         layers = self._epoch_layers
         # Usually the same list as the last epoch's: one per set of layers, made once with its
         # `_act_stats` entry and never changed (held here, so its id is not reused): no tuple

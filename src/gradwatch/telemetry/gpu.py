@@ -280,7 +280,7 @@ if triton is not None:
         for s in range(0, units, BLOCK):
             at = first + s + tl.arange(0, BLOCK)
             valid = s + tl.arange(0, BLOCK) < units
-            count = tl.load(counts + at, mask=valid, other=0).to(tl.int64)
+            count = tl.load(counts + at, mask=valid, other=0).to(tl.int64)  # int32, or float64 summed over processes
             fired_now = count > 0
             now += fired_now.to(tl.int64)
             outputs += count
@@ -572,6 +572,7 @@ class UnitCounts:
         self._tables: list[torch.Tensor] = []
         self._count, self._finish = _kernel(_unit_counts), _kernel(_unit_finish)
         self.launched = False  # set by the caller once a launch went through (the kernels are built)
+        self._counts_dtype = torch.int32  # what the finishing kernel last read: int32, float64 with `combine`
 
     def _on(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
@@ -595,11 +596,25 @@ class UnitCounts:
                                              DTYPE=DTYPES[dtype], BLOCK_U=UNIT_BLOCK, BLOCK_O=OTHER_BLOCK,
                                              STEPS=OTHER_STEPS)
             counts = self.per_unit
-            if combine is not None:
-                counts = combine(self.per_unit)[0].to(torch.int32)  # exact: a unit's outputs in a step < 2**31
+            if combine is not None:  # float64: summed over the processes, a count may pass 2**31
+                counts = combine(self.per_unit)[0]
+            self._counts_dtype = counts.dtype
             has_earlier = earlier is not None
             earlier = earlier.view(torch.uint8) if has_earlier else fired
             layers = self.out.shape[1]
             self._finish[(layers,)](counts, self.per_unit, self.layers, earlier, fired, self.out, layers,
                                     EARLIER=has_earlier, BLOCK=FINISH_BLOCK)
         return self.out, fired.view(torch.bool)
+
+    def build_all(self) -> None:
+        """Builds the finishing kernel's variant a call has not built yet (with and without an
+        epoch's mask so far) on one unit of scratch memory, so that a later step does not build
+        it (an error there would come in the middle of a step, past the fallback)."""
+        counts = torch.zeros(1, dtype=self._counts_dtype, device=self.device)
+        mask = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        layers = torch.tensor([[0, 1]], dtype=torch.int64).to(self.device)
+        out = torch.zeros(3, 1, dtype=torch.float64, device=self.device)
+        with _current(self.device):
+            for earlier in (False, True):
+                self._finish[(1,)](counts, torch.zeros(1, dtype=torch.int32, device=self.device), layers, mask,
+                                   mask.clone(), out, 1, EARLIER=earlier, BLOCK=FINISH_BLOCK)

@@ -750,7 +750,30 @@ def unit_view(calls: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         return views[0]
     if len({v.shape[1:] for v in views}) == 1:
         return torch.cat(views)
+    _same_units(views)
     return torch.cat([v.transpose(0, 1).reshape(1, v.shape[1], -1) for v in views], dim=2)
+
+
+def _same_units(views: Sequence) -> None:
+    """Raises unless the views (tensors, or shapes) of a layer's calls have one number of units."""
+    units = [(v if isinstance(v, tuple) else v.shape)[1] for v in views]
+    if len(set(units)) > 1:
+        raise ValueError(f"the calls of one layer have different numbers of units ({', '.join(map(str, units))}): "
+                         "split them by width first (`by_units`)")
+
+
+def by_units(calls: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """A module's calls in one step grouped by their number of units (dimension 1; a 1-d output's
+    length), in the order each number first comes: calls of one width count as the same units,
+    calls of another width are other units (a `self.relu` shared by layers of several widths).
+
+    >>> [len(g) for g in by_units([torch.zeros(2, 8), torch.zeros(2, 16), torch.zeros(3, 8)])]
+    [2, 1]
+    """
+    groups: dict[int, list[torch.Tensor]] = {}
+    for call in calls:
+        groups.setdefault(call.shape[0] if call.dim() == 1 else call.shape[1], []).append(call)
+    return list(groups.values())
 
 
 def unit_shape(calls: torch.Tensor | Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -764,6 +787,7 @@ def unit_shape(calls: torch.Tensor | Sequence[torch.Tensor]) -> tuple[int, ...]:
     views = [ActivationStats._view_shape(tuple(o.shape)) for o in calls]
     if len(views) == 1:
         return views[0]
+    _same_units(views)
     if len({v[1:] for v in views}) == 1:
         return (sum(v[0] for v in views), *views[0][1:])
     return 1, views[0][1], sum(samples * positions for samples, _, positions in views)
@@ -968,6 +992,8 @@ class ActivationStats:
         device = plan.device
         if fired is not None and (fired.device != device or fired.dtype != torch.bool
                                   or fired.shape != (self.unit_total,) or not fired.is_contiguous()):
+            if fired.numel() != self.unit_total:
+                raise ValueError(f"fired: {fired.numel()} units, this layer set has {self.unit_total}")
             fired = fired.to(device, torch.bool).reshape(-1).contiguous()
         if combine is not None:
             def combine(per_unit, _combine=combine):
@@ -986,6 +1012,7 @@ class ActivationStats:
     @staticmethod
     def _first_run(plan, calls, fired, combine):
         made = plan(calls, fired, combine)
+        plan.build_all()  # the other variants too: none is first built in the middle of a later step
         plan.launched = True
         return made
 
@@ -998,12 +1025,33 @@ class ActivationStats:
         if None in geometries:
             return None
         layer_of = list(range(len(calls))) if layer_of is None else layer_of
+        if len(calls) != len(layer_of) or max(layer_of) >= len(self.units):
+            return None
         values = [0] * len(self.units)
-        for (samples, _, others, *_), layer in zip(geometries, layer_of, strict=True):
+        for (samples, units, others, *_), layer in zip(geometries, layer_of, strict=True):
+            if units != self.units[layer]:  # not the outputs this was made for: torch operations say so
+                return None
             values[layer] += samples * others
-        if max(values) >= 2**31:
+        if max(values) >= 2**31:  # a unit's outputs in a step, counted in int32
             return None
         return gpu.UnitCounts(geometries, [d for d, _ in key[2]], layer_of, self.units, device)
+
+    def merged(self, rows: np.ndarray, parts: Sequence[int]) -> np.ndarray:
+        """The rows (dead_fraction, zero_fraction) flattened, one per layer of this set, merged
+        into one per module where `parts` (per module, its consecutive layers: the widths of a
+        module called on several) joins several: dead units over all their units, zeros over all
+        their outputs, from the integer counts (exact)."""
+        totals = self._layer_totals.T * np.array([1.0, self._copies])  # (layers, 2): units, outputs
+        counts = np.rint(np.asarray(rows, dtype=np.float64).reshape(-1, 2) * totals)
+        starts = np.concatenate([[0], np.cumsum(parts)[:-1]]).astype(np.intp)
+        return (np.add.reduceat(counts, starts, axis=0) / np.add.reduceat(totals, starts, axis=0)).reshape(-1)
+
+    def merged_epoch(self, never: np.ndarray, parts: Sequence[int]) -> np.ndarray:
+        """`epoch_dead_fraction`'s per-layer values merged as `merged` merges the rows."""
+        units = self._layer_totals[0]
+        starts = np.concatenate([[0], np.cumsum(parts)[:-1]]).astype(np.intp)
+        never_units = np.rint(np.asarray(never, dtype=np.float64).reshape(-1) * units)
+        return np.add.reduceat(never_units, starts) / np.add.reduceat(units, starts)
 
     def _finish_layer_order(self, counts: np.ndarray) -> np.ndarray:
         """The device kernels' (2, layers) in layer order on the host -> the rows (dead_fraction,
