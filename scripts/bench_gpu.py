@@ -27,7 +27,10 @@ host synchronisations per step with torch's sync debug mode, `off` against `grad
 `mlp_small`; `--no-syncs` skips it).
 
 Without CUDA it says so and makes a small CPU dry run (tiny models, 2 repeats, a few steps), so
-the script is known to work before device time is spent on it.
+the script is known to work before device time is spent on it; then CPU proxies of the GPU path:
+what it allocates and launches for a GPT's 149 tensors, and the host time GradientTelemetry's
+hooks take a step in a fit of the launch-bound MLPs with the launches left out
+(`callback_host_proxy`).
 
 `--kernels` also times the kernels alone on the GPT's gradients for several block, chunk and
 warps choices, against one `_foreach_norm` (the bandwidth each reaches): the layout to keep.
@@ -359,6 +362,75 @@ def device_path_proxy(width: int = 64) -> dict:
     return report
 
 
+class _CountedNoLaunch:
+    """A Triton kernel stand-in that counts its launches and does nothing."""
+
+    launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _CountedNoLaunch.launches += 1
+        return launch
+
+
+def callback_host_proxy(kinds: tuple[str, ...] = ("mlp_small", "deep_small"), steps: int = 200) -> dict:
+    """On the CPU, the host's share of GradientTelemetry every step on the GPU path, in a Lightning
+    fit of the launch-bound MLPs: the microseconds a step spent in the callback's and its
+    recorder's hooks (Triton's launches replaced by nothing, so their own cost comes on top on a
+    GPU; the models' torch work runs on the CPU, outside the hooks), and the launches a step.
+    On a GPU these models' steps are launch-bound (2.6 and 13 ms on an H200): the host time a
+    monitor adds there is what it costs."""
+    import functools
+
+    from gradwatch.telemetry import gpu
+    from gradwatch.telemetry.recorder import StepRecorder
+
+    spent, depth = [0.0], [0]
+
+    def timed(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            depth[0] += 1
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:  # a hook calling another (the callback its recorder's) counts once
+                    spent[0] += time.perf_counter() - started
+        return run
+
+    saved_flags = stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU
+    saved_kernel = gpu._kernel
+    saved_methods = [(cls, name, vars(cls)[name]) for cls in (GradientTelemetry, StepRecorder) for name in vars(cls)
+                     if name.startswith("on_") or name == "_after_optimizer_step"]
+    report = {}
+    try:
+        stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = False, True
+        gpu._kernel = lambda function: _CountedNoLaunch()
+        for cls, name, method in saved_methods:
+            setattr(cls, name, timed(method))
+        for kind in kinds:
+            torch.manual_seed(0)
+            net, x, y, loss, _ = build(kind, False)
+            spent[0], _CountedNoLaunch.launches = 0.0, 0
+            with tempfile.TemporaryDirectory() as logs:
+                trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, log_every_n_steps=1,
+                                     logger=TensorBoardLogger(logs, name="bench"), enable_progress_bar=False,
+                                     enable_model_summary=False, enable_checkpointing=False,
+                                     callbacks=[GradientTelemetry(every_n_steps=1)])
+                data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps)), batch_size=1)
+                trainer.fit(Task(net, x, y, loss), data)
+            report[kind] = {"host_us_per_step": spent[0] / steps * 1e6,
+                            "launches_per_step": _CountedNoLaunch.launches / steps}
+    finally:
+        stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = saved_flags
+        gpu._kernel = saved_kernel
+        for cls, name, method in saved_methods:
+            setattr(cls, name, method)
+    return report
+
+
 def kernel_layouts(small: bool) -> list[dict]:
     """The kernels alone on the 98M GPT's gradients (its 149 tensors, float32, as under
     bf16-mixed), for each block, chunk and warps tried, against one `_foreach_norm` (which reads
@@ -500,6 +572,9 @@ def main() -> None:
         if gpu.interpreting():
             report["device_path_proxy"] = proxy = device_path_proxy()
             print("\nthe GPU path on the CPU (triton's interpreter), a GPT's tensors:", json.dumps(proxy, indent=1))
+            report["callback_host_proxy"] = hosted = callback_host_proxy()
+            print("\nthe callback's host time on the GPU path (launches left out), launch-bound MLPs:",
+                  json.dumps(hosted, indent=1))
     report["summary"] = summarise(runs)
     print_table(report["summary"])
     with open(args.out, "w") as file:

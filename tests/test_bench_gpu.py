@@ -1,5 +1,6 @@
-"""scripts/bench_gpu.py's dry run without CUDA: the script works, and the GPU path's CPU proxy
-holds one copy of the weights where the torch operations held ~70 bytes a parameter."""
+"""scripts/bench_gpu.py's dry run without CUDA: the script works, the GPU path's CPU proxy
+holds one copy of the weights where the torch operations held ~70 bytes a parameter, and the
+callback's launches a step do not grow with the layers."""
 
 import json
 import os
@@ -37,3 +38,9 @@ def test_bench_gpu_dry_run_without_cuda(tmp_path):
     # One float32 copy of the weights, plus tables and partial sums: O(tensors + chunks).
     assert 4.0 <= device["first_step_bytes_per_param"] <= 4.1 < 60 <= torch_ops["first_step_bytes_per_param"]
     assert device["launches_per_step"] == 4
+    # The callback on the GPU path in a fit: a fixed number of launches a step (statistics, update
+    # ratio, ReLU counts: 2 each; the first step also builds the other variants), and host time.
+    hosted = report["callback_host_proxy"]
+    assert 6 <= hosted["mlp_small"]["launches_per_step"] < 6.05
+    assert 6 <= hosted["deep_small"]["launches_per_step"] < 6.05  # 50 ReLU layers: still 2 for them
+    assert all(row["host_us_per_step"] > 0 for row in hosted.values())
