@@ -201,6 +201,24 @@ def test_statistics_on_meta_tensors_make_nothing_elsewhere():
     assert ratio(ratio.before(grads), grads).device.type == "meta"
 
 
+def squared_output(net: nn.Module, lr: float):
+    """A Lightning module training `net` on the mean of its squared output, SGD at `lr`."""
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    return Module()
+
+
 class StepsRecorder:
     """What the callback hands a recorder, one dict of tag -> value per logged step."""
 
@@ -240,17 +258,6 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, pat
         net.b.bias[:] = -100.0  # late: every unit dead; so twice(h) and twice(-h) are all zero
     x = torch.rand(8, 3)
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return self.net(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
     recorder = StepsRecorder()
     telemetry = GradientTelemetry(recorder)
     transfers = {"cpu": 0, "item": 0, "bool": 0}
@@ -275,7 +282,7 @@ def test_callback_keys_activations_by_module_and_transfers_once(monkeypatch, pat
         setattr(telemetry, hook, counted(getattr(telemetry, hook)))
     trainer = pl.Trainer(max_steps=2, callbacks=[telemetry], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader([x], batch_size=None))
+    trainer.fit(squared_output(net, lr=0.0), train_dataloaders=torch.utils.data.DataLoader([x], batch_size=None))
     # One per logged step; none where the CPU kernels left everything on the host already.
     assert transfers == {"cpu": 0 if path == "kernels" else 2, "item": 0, "bool": 0}
     step = recorder.steps[0]
@@ -419,22 +426,11 @@ def test_a_relu_shared_by_layers_of_several_widths_is_one_row_over_all_their_uni
     net.relu.register_forward_hook(lambda module, args, output: seen.append(output.detach().double().clone()))
     batches = [torch.rand(8, 3), torch.rand(8, 3)]
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return self.net(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
     recorder = StepsRecorder()
     trainer = pl.Trainer(max_steps=2, callbacks=[GradientTelemetry(recorder)], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu")
-    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.fit(squared_output(net, lr=0.5), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     assert len(seen) == 6 and len(recorder.steps) == 2
     fired_epoch = {8: torch.zeros(8, dtype=torch.bool), 16: torch.zeros(16, dtype=torch.bool)}
     for step, calls in zip(recorder.steps, (seen[:3], seen[3:]), strict=True):
