@@ -66,7 +66,7 @@ from torch import nn  # noqa: E402
 
 from gradwatch import GradientTelemetry  # noqa: E402
 from gradwatch.telemetry import stats  # noqa: E402
-from gradwatch.telemetry.dispatch_count import TorchOps  # noqa: E402
+from gradwatch.telemetry.dispatch_count import Launches, TorchOps  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 MIB = 2**20
@@ -349,7 +349,7 @@ def device_path_proxy(width: int = 64) -> dict:
             if device_kernels:  # the host's share: launches replaced by nothing
                 plans = (grad_stats._device[1], ratio._device[1])
                 for plan in plans:
-                    plan._chunks = plan._merge = _NoLaunch()
+                    plan._chunks = plan._merge = Launches()
                 started = time.perf_counter()
                 for _ in range(200):
                     kept = ratio.before(weights, reuse=True)
@@ -360,17 +360,6 @@ def device_path_proxy(width: int = 64) -> dict:
     finally:
         stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = saved
     return report
-
-
-class _CountedNoLaunch:
-    """A Triton kernel stand-in that counts its launches and does nothing."""
-
-    launches = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            _CountedNoLaunch.launches += 1
-        return launch
 
 
 def callback_host_proxy(kinds: tuple[str, ...] = ("mlp_small", "deep_small"), steps: int = 200) -> dict:
@@ -407,13 +396,13 @@ def callback_host_proxy(kinds: tuple[str, ...] = ("mlp_small", "deep_small"), st
     report = {}
     try:
         stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = False, True
-        gpu._kernel = lambda function: _CountedNoLaunch()
+        gpu._kernel = lambda function: Launches()
         for cls, name, method in saved_methods:
             setattr(cls, name, timed(method))
         for kind in kinds:
             torch.manual_seed(0)
             net, x, y, loss, _ = build(kind, False)
-            spent[0], _CountedNoLaunch.launches = 0.0, 0
+            spent[0], Launches.count = 0.0, 0
             with tempfile.TemporaryDirectory() as logs:
                 trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, log_every_n_steps=1,
                                      logger=TensorBoardLogger(logs, name="bench"), enable_progress_bar=False,
@@ -422,7 +411,7 @@ def callback_host_proxy(kinds: tuple[str, ...] = ("mlp_small", "deep_small"), st
                 data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps)), batch_size=1)
                 trainer.fit(Task(net, x, y, loss), data)
             report[kind] = {"host_us_per_step": spent[0] / steps * 1e6,
-                            "launches_per_step": _CountedNoLaunch.launches / steps}
+                            "launches_per_step": Launches.count / steps}
     finally:
         stats.HOST_KERNELS, stats.DEVICE_KERNELS_ON_CPU = saved_flags
         gpu._kernel = saved_kernel
@@ -469,11 +458,6 @@ def kernel_layouts(small: bool) -> list[dict]:
         rows.append({"what": f"update ratio (carry) block={block} chunk={chunk}",
                      **timed(lambda norms=norms: norms(weights, carry=True), 3)})
     return rows
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def summarise(runs: dict) -> dict:

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the GPU kernels cannot be tested")
 
 from gradwatch.telemetry import gpu, stats, tags  # noqa: E402
-from gradwatch.telemetry.dispatch_count import TorchOps  # noqa: E402
+from gradwatch.telemetry.dispatch_count import Launches, TorchOps  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not gpu.interpreting():
@@ -164,17 +164,6 @@ def test_update_ratio_equals_the_weights_change(carry):
         weights = after
     assert kept.kept[0].dtype == torch.float32 and {k.dtype for k in kept.kept} == {
         torch.float32, torch.bfloat16, torch.float16, torch.float64}
-
-
-class Launches:
-    """A kernel that counts its launches and does nothing (the host's work is what is measured)."""
-
-    count = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            Launches.count += 1
-        return launch
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""What torch operations run and allocate, counted where they dispatch: how the GPU path's tests
-and `scripts/bench_gpu.py` show that a logged step makes no tensor and reads nothing back."""
+"""What torch operations run and allocate, counted where they dispatch, and a kernel that only
+counts its launches: how the GPU path's tests and `scripts/bench_gpu.py` show that a logged step
+makes no tensor, reads nothing back and launches a fixed number of kernels."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,3 +41,15 @@ class TorchOps(TorchDispatchMode):
     def __exit__(self, *exc):
         self._held = []
         return super().__exit__(*exc)
+
+
+class Launches:
+    """A Triton kernel's stand-in (`kernel[grid](...)`) that does nothing but count its launches
+    in `Launches.count`, over every instance: what the host does is then what is measured."""
+
+    count = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            Launches.count += 1
+        return launch
