@@ -100,3 +100,29 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_whole_steps_checkpoint
         fit([CtrlC(at=5, times=2), StopTogether(), LastCheckpoint(path, every_n_steps=2)])
     # Step 5 stopped half way: not saved; the checkpoint of step 4 (every 2 steps) stays.
     assert_same_state(torch.load(path, weights_only=True), state_after(4, tmp_path))
+
+
+def test_processes_agree_a_step_late_without_waiting_for_the_step_in_flight(tmp_path):
+    # Several processes: each step's end sends its flag (a non-blocking all-reduce) and reads the
+    # sum the last step's end sent. A process group of one (gloo) shows the order: a signal seen
+    # at one step's end stops training at the next one's, and the last flag is read at the end.
+    import torch.distributed as dist
+
+    class Trainer:  # what `on_train_batch_end` reads and sets
+        should_stop = False
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        stop, trainer, module = StopTogether(), Trainer(), Net()
+        stop._previous, stop._together = {signal.SIGINT: signal.getsignal(signal.SIGINT)}, True  # as on_train_start
+        stop.on_train_batch_end(trainer, module, None, None, 0)
+        assert not trainer.should_stop and stop._sent is not None
+        stop.signal = signal.SIGTERM  # signalled during the next step
+        stop.on_train_batch_end(trainer, module, None, None, 1)
+        assert not trainer.should_stop  # this step's end reads the last one's sum: 0
+        stop.on_train_batch_end(trainer, module, None, None, 2)
+        assert trainer.should_stop and stop.signal == signal.SIGTERM
+        stop.on_train_end(trainer, module)
+        assert stop._sent is None and stop._previous == {}
+    finally:
+        dist.destroy_process_group()

@@ -70,17 +70,24 @@ class StopTogether(pl.Callback):
     checkpoint saved then would resume to other numbers than an uninterrupted run; in a
     distributed run, a signal that raised in one process while another waits in a collective
     (the gradient all-reduce, the loss mean) would leave that one waiting forever. Here a signal
-    only sets a flag; at the end of each step the processes agree (any of them flagged) and
-    Lightning stops them all there, so the checkpoint, the logs and run.json end on the same
-    step. A second Ctrl-C in a one-process run stops at once (KeyboardInterrupt; `LastCheckpoint`
-    then keeps its last checkpoint rather than one of a step half done). A one-process run's
-    SIGTERM keeps its own handling (Lightning stops at the next step's start).
+    only sets a flag, and Lightning stops at the end of a step, so the checkpoint, the logs and
+    run.json end on the same step. A second Ctrl-C in a one-process run stops at once
+    (KeyboardInterrupt; `LastCheckpoint` then keeps its last checkpoint rather than one of a step
+    half done). A one-process run's SIGTERM keeps its own handling (Lightning stops at the next
+    step's start).
+
+    Several processes agree a step late, without waiting: each step's end sends its flag in a
+    non-blocking all-reduce (sum) and reads the one the last step's end sent, which is done by
+    then (on a GPU, through pinned memory behind an event recorded after it: the host never
+    waits for the step in flight). Every process reads the same sums at the same step ends, so
+    they stop together, one step after the first signal was seen.
     """
 
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
         self._together = False  # several processes: they agree at each step's end
+        self._sent: tuple | None = None  # the last step end's flag on its way: (work, host value, event)
 
     def _note(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT and not self._together:
@@ -99,10 +106,39 @@ class StopTogether(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._previous:
             return
-        if (trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False) if self._together
-                else self.signal is not None):
+        if self._together:
+            stop = self._agreed(pl_module.device)
+        else:
+            stop = self.signal is not None
+        if stop:
             trainer.should_stop = True
             self.signal = self.signal or signal.SIGINT  # another process was signalled
+
+    def _agreed(self, device: torch.device) -> bool:
+        """Whether some process had been signalled by the last step's end (its sum, read now),
+        after sending this step's flag."""
+        flag = torch.full((1,), int(self.signal is not None), dtype=torch.int32, device=device)  # no copy to wait for
+        work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, async_op=True)
+        if flag.is_cuda:
+            work.wait()  # the current stream waits for the sum, the host does not
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            sent = (None, host, done)
+        else:
+            sent = (work, flag, None)
+        last, self._sent = self._sent, sent
+        return last is not None and self._read(last) > 0
+
+    @staticmethod
+    def _read(sent: tuple) -> int:
+        work, value, done = sent
+        if work is not None:
+            work.wait()
+        if done is not None:
+            done.synchronize()  # recorded a step ago: long done
+        return int(value[0])
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -111,6 +147,10 @@ class StopTogether(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
+        if self._sent is not None:  # every process ends here: the last flag's all-reduce is finished first
+            sent, self._sent = self._sent, None
+            self._read(sent)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+        self._sent = None  # not waited for: another process may be gone
