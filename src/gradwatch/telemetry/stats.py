@@ -1057,7 +1057,8 @@ class ActivationStats:
         """The device kernels' (2, layers) in layer order on the host -> the rows (dead_fraction,
         zero_fraction) flattened."""
         totals = self._layer_totals if self._copies == 1 else self._layer_totals * np.array([[1.0], [self._copies]])
-        return ((totals - np.asarray(counts, dtype=np.float64).reshape(2, -1)) / totals).T.reshape(-1)
+        with np.errstate(invalid="ignore"):  # a layer with no outputs this step (an empty batch): NaN, as torch's
+            return ((totals - np.asarray(counts, dtype=np.float64).reshape(2, -1)) / totals).T.reshape(-1)
 
     @torch.no_grad()
     def counts(self, outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]],
