@@ -326,47 +326,52 @@ class _Layout:
             chunks = [-(-sizes[i] // chunk) for i in members]  # ceil: an empty tensor has none
             owner = np.repeat(np.arange(len(members), dtype=np.int32), chunks)
             first = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64)
-            self.groups.append((dtype, members, self._on(np.asarray([sizes[i] for i in members], dtype=np.int64)),
-                                self._on(owner), self._on(first), int(sum(chunks)), base))
+            self.groups.append((dtype, members, _on(np.asarray([sizes[i] for i in members], dtype=np.int64), device),
+                                _on(owner, device), _on(first, device), int(sum(chunks)), base))
             for i, c in zip(members, chunks, strict=True):
                 bounds.append(bounds[-1] + c)
                 rows.append(i)
             base += int(sum(chunks))
         self.chunks = base
-        self.bounds = self._on(np.asarray(bounds, dtype=np.int64))
-        self.rows = self._on(np.asarray(rows, dtype=np.int64))
-        self._uploaded: list[int] | None = None
-        self._tables: list[torch.Tensor] = []
+        self.bounds = _on(np.asarray(bounds, dtype=np.int64), device)
+        self.rows = _on(np.asarray(rows, dtype=np.int64), device)
+        self.addresses = _AddressTables([members for _, members, *_ in self.groups], device)
 
-    def _on(self, values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(values).to(self.device)
 
-    def at_last_addresses(self, tensors: Sequence[torch.Tensor]) -> bool:
+def _on(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A table made on the host, on `device` (once per layout)."""
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device)
+
+
+class _AddressTables:
+    """Per group of indices into a list of tensors, the tensors' addresses in an int64 table on
+    the device, uploaded again only when an address changes. A new table goes up from pinned
+    memory without blocking the host (the host allocator keeps that memory until the copy is
+    done); an optimizer keeps its weights, and the caching allocator usually gives a step's
+    gradients and activations the addresses of the last step's, so this is rare after the
+    first step."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], device: torch.device):
+        self.groups, self.device = [list(members) for members in groups], device
+        self.uploaded: list[int] | None = None
+        self.tables: list[torch.Tensor] = []
+
+    def at_last(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether `tensors` lie where the tables say (the usual step: ~9 us for 150 tensors)."""
-        return list(map(torch.Tensor.data_ptr, tensors)) == self._uploaded
+        return list(map(torch.Tensor.data_ptr, tensors)) == self.uploaded
 
-    def addresses(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per dtype group, the tensors' addresses on the device. A new table goes up from pinned
-        memory without blocking the host (the host allocator keeps that memory until the copy
-        is done); an optimizer keeps its weights, and the caching allocator usually gives a
-        step's gradients the addresses of the last step's, so this is rare after the first step."""
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per group, the tensors' addresses on the device."""
         now = list(map(torch.Tensor.data_ptr, tensors))
-        if now != self._uploaded:
-            self._tables, self._uploaded = _address_tables(now, [members for _, members, *_ in self.groups],
-                                                           self.device), now
-        return self._tables
-
-
-def _address_tables(addresses: list[int], groups: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
-    """Per group of indices, those `addresses` in an int64 table on `device`, sent from pinned
-    memory without blocking the host (the host allocator keeps that memory until the copy is done)."""
-    tables = []
-    for members in groups:
-        table = torch.tensor([addresses[i] for i in members], dtype=torch.int64)
-        if device.type == "cuda":
-            table = table.pin_memory().to(device, non_blocking=True)
-        tables.append(table)
-    return tables
+        if now != self.uploaded:
+            tables = []
+            for members in self.groups:
+                table = torch.tensor([now[i] for i in members], dtype=torch.int64)
+                if self.device.type == "cuda":
+                    table = table.pin_memory().to(self.device, non_blocking=True)
+                tables.append(table)
+            self.tables, self.uploaded = tables, now
+        return self.tables
 
 
 def _current(device: torch.device):
@@ -405,7 +410,7 @@ class _MultiTensor:
         the chunk kernel's own, beside its dtype and layout."""
         readable = _readable(tensors)
         layout, partials = self.layout, self.partials
-        tables = layout._tables if placed and readable is tensors else layout.addresses(readable)
+        tables = layout.addresses.tables if placed and readable is tensors else layout.addresses(readable)
         stride = partials.shape[1]
         with _current(layout.device):
             for (dtype, _, sizes, owner, first, programs, base), table, extra in zip(layout.groups, tables,
@@ -429,7 +434,7 @@ class GradientSums(_MultiTensor):
                          _gradient_chunks, _gradient_merge)
 
     def __call__(self, grads: Sequence[torch.Tensor], placed: bool = False) -> torch.Tensor:
-        """`placed`: the caller found the gradients at the tables' addresses (`at_last_addresses`)."""
+        """`placed`: the caller found the gradients at the tables' addresses (`addresses.at_last`)."""
         return self._launch(grads, placed)
 
 
@@ -439,11 +444,10 @@ def finish_gradient_rows(raw: np.ndarray, n: np.ndarray) -> np.ndarray:
     mean, centred, squares, zeros, nans, infs, top = np.asarray(raw, dtype=np.float64).reshape(GRADIENT_FIELDS, -1)
     if nans.any():  # the kernels leave NaN out of the largest magnitude
         top = np.where(nans > 0, np.nan, top)
-    if n.all():
+    # An empty tensor's rows are NaN (0/0): numpy's warnings off only then (errstate costs a few us).
+    quiet = contextlib.nullcontext() if n.all() else np.errstate(divide="ignore", invalid="ignore")
+    with quiet:
         table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, top, np)
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):  # an empty tensor's rows are NaN
-            table, global_norm = rows_from_sums(n, mean, centred, squares, zeros, nans + infs, top, np)
     flat = np.empty(table.size + 1)
     flat[:-1] = table.reshape(-1)
     flat[-1] = global_norm
@@ -466,7 +470,7 @@ class UpdateNorms(_MultiTensor):
             for i, start in zip(members, starts.tolist(), strict=True):
                 self.views[i] = flat[start:start + self.sizes[i]]
             self.kept.append(flat)
-            self.offsets.append(self.layout._on(starts))
+            self.offsets.append(_on(starts, device))
         self._extra = list(zip(self.kept, self.offsets, strict=True))
 
     @torch.no_grad()
@@ -481,7 +485,7 @@ class UpdateNorms(_MultiTensor):
 
     def __call__(self, params: Sequence[torch.Tensor], carry: bool = False) -> torch.Tensor:
         # An optimizer steps its weights in place: the tables hold their addresses after the first step.
-        return self._launch(params, self.layout.at_last_addresses(params), CARRY=carry)
+        return self._launch(params, self.layout.addresses.at_last(params), CARRY=carry)
 
 
 def finish_update_ratio(squares: np.ndarray) -> np.ndarray:
@@ -563,19 +567,15 @@ class UnitCounts:
                 grid = grid.reshape(-1, 3)
                 tiles.append(np.column_stack([np.full(len(grid), local), grid]))
             table = np.concatenate(tiles).astype(np.int64) if tiles else np.zeros((0, 4), np.int64)
-            self.groups.append((dtype, inner, members, self._on(np.asarray(meta, dtype=np.int64)), self._on(table),
-                                len(table)))
-        self.layers = self._on(np.column_stack([starts, np.asarray(units, dtype=np.int64)]))
+            self.groups.append((dtype, inner, members, _on(np.asarray(meta, dtype=np.int64), device),
+                                _on(table, device), len(table)))
+        self.layers = _on(np.column_stack([starts, np.asarray(units, dtype=np.int64)]), device)
         self.per_unit = torch.zeros(int(sum(units)), dtype=torch.int32, device=device)
         self.out = torch.zeros(3, len(units), dtype=torch.float64, device=device)
-        self._uploaded: list[int] | None = None
-        self._tables: list[torch.Tensor] = []
+        self._addresses = _AddressTables([members for _, _, members, *_ in self.groups], device)
         self._count, self._finish = _kernel(_unit_counts), _kernel(_unit_finish)
         self.launched = False  # set by the caller once a launch went through (the kernels are built)
         self._counts_dtype = torch.int32  # what the finishing kernel last read: int32, float64 with `combine`
-
-    def _on(self, values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
 
     def __call__(self, calls: Sequence[torch.Tensor], earlier: torch.Tensor | None = None,
                  combine=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -584,13 +584,10 @@ class UnitCounts:
         until the next call); `fired` (bool, every layer's units) the units that fired in this
         step or `earlier` (the epoch's mask so far). `calls` in the order of `geometries`.
         `combine` (distributed runs) maps the per-unit counts to the global batch's (float64)."""
-        now = list(map(torch.Tensor.data_ptr, calls))
-        if now != self._uploaded:
-            self._tables = _address_tables(now, [members for _, _, members, *_ in self.groups], self.device)
-            self._uploaded = now
+        tables = self._addresses(calls)
         fired = torch.empty(self.per_unit.shape, dtype=torch.uint8, device=self.device)
         with _current(self.device):
-            for (dtype, inner, _, meta, table, programs), addresses in zip(self.groups, self._tables, strict=True):
+            for (dtype, inner, _, meta, table, programs), addresses in zip(self.groups, tables, strict=True):
                 if programs:
                     self._count[(programs,)](addresses, meta, table, self.per_unit, UNITS_INNER=inner,
                                              DTYPE=DTYPES[dtype], BLOCK_U=UNIT_BLOCK, BLOCK_O=OTHER_BLOCK,

@@ -102,7 +102,7 @@ def _device_plan(cached: tuple | None, tensors: Sequence[torch.Tensor], sizes: l
     gpu = _device_kernels(tensors[0])
     if gpu is None:
         return None, False, False
-    if cached is not None and cached[1].layout.at_last_addresses(tensors):
+    if cached is not None and cached[1].layout.addresses.at_last(tensors):
         # The tensors the plan last read, or others at their addresses, which a caller hands only
         # for the same parameters: autograd gives a gradient its parameter's dtype, device and size.
         return cached, False, True
